@@ -1,0 +1,45 @@
+"""The exceptions greenpool raises.
+
+Pool errors subclass :class:`redis.exceptions.ConnectionError`, so code that
+already catches redis-py's connection errors keeps working unchanged.
+"""
+
+from __future__ import annotations
+
+import redis.exceptions
+
+__all__ = ["PoolError", "PoolTimeout", "PoolClosed", "TooManyWaiters", "ConfigError"]
+
+
+class PoolError(redis.exceptions.ConnectionError):
+    """Base class of the errors raised by a greenpool pool."""
+
+    __module__ = "greenpool"
+
+
+class PoolTimeout(PoolError):
+    """No connection became available within the pool's timeout."""
+
+    __module__ = "greenpool"
+
+
+class PoolClosed(PoolError):
+    """The pool was closed, before or while the caller asked for a connection."""
+
+    __module__ = "greenpool"
+
+
+class TooManyWaiters(PoolError):
+    """The caller would exceed the pool's limit on waiting callers."""
+
+    __module__ = "greenpool"
+
+
+class ConfigError(ValueError):
+    """A setting has a value of the wrong type or out of range.
+
+    The message names the parameter or environment variable, the expected
+    form and the value received.
+    """
+
+    __module__ = "greenpool"
