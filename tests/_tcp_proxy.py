@@ -1,0 +1,126 @@
+"""A loopback TCP proxy that can misbehave like a broken network.
+
+Used through the ``tcp_proxy`` fixtures in ``conftest.py``; it lives in its own
+module so that conftest stays readable.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import gevent
+import gevent.pool
+from gevent.server import StreamServer
+
+__all__ = ["TcpProxy"]
+
+# Bounds on teardown: a proxy must never be what hangs a test run.
+JOIN_TIMEOUT = 2.0
+
+
+class TcpProxy:
+    """Forward connections from a free ``127.0.0.1`` port to *target*.
+
+    Each accepted connection gets its own upstream connection (a "pair") and
+    two greenlets pumping bytes, one per direction. Closing either end of a
+    pair closes the other, even while blackholed, so tests can watch
+    :attr:`connections` to see a client give up a connection.
+
+    :param target: the ``(host, port)`` to forward to.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self._blackholed = False
+        self._pairs: set[tuple[socket.socket, socket.socket]] = set()
+        # One group holds the accept handlers and the pumps, so close() can
+        # kill everything the proxy ever started.
+        self._greenlets = gevent.pool.Pool()
+        self._server = StreamServer((self.host, 0), self._handle, spawn=self._greenlets)
+        self._server.start()
+        self.port: int = self._server.server_port
+
+    @property
+    def url(self) -> str:
+        """A ``redis://`` URL that goes through the proxy."""
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def connections(self) -> int:
+        """The number of live proxied connection pairs."""
+        return len(self._pairs)
+
+    def blackhole(self) -> None:
+        """Silently discard all traffic, both ways, keeping sockets open.
+
+        Like a dead load balancer: writes succeed, nothing ever arrives, and
+        only a timeout notices. New connections are accepted and discarded too.
+        """
+        self._blackholed = True
+
+    def restore(self) -> None:
+        """Forward traffic again (bytes discarded meanwhile stay lost)."""
+        self._blackholed = False
+
+    def drop_all(self) -> None:
+        """Close every proxied connection, client and server side."""
+        for pair in list(self._pairs):
+            self._close_pair(pair)
+
+    def close(self) -> None:
+        """Stop listening, drop every connection and stop all greenlets."""
+        self._server.close()
+        self.drop_all()
+        self._greenlets.join(timeout=JOIN_TIMEOUT)
+        self._greenlets.kill(timeout=JOIN_TIMEOUT)
+
+    def __repr__(self) -> str:
+        state = "blackholed" if self._blackholed else "forwarding"
+        return (
+            f"<TcpProxy {self.host}:{self.port} -> {self.target[0]}:{self.target[1]}"
+            f" {state}, {self.connections} connections>"
+        )
+
+    def _handle(self, client: socket.socket, _address: object) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=JOIN_TIMEOUT)
+        except OSError:
+            # The target is down: refuse by closing, as a proxy would.
+            client.close()
+            return
+        upstream.settimeout(None)
+        pair = (client, upstream)
+        self._pairs.add(pair)
+        back = self._greenlets.spawn(self._pump, upstream, client, pair)
+        self._pump(client, upstream, pair)
+        back.join(timeout=JOIN_TIMEOUT)
+
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, pair: tuple[socket.socket, socket.socket]
+    ) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not self._blackholed:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            # Either side closing ends the pair, like a proxy in front of Redis.
+            self._close_pair(pair)
+
+    def _close_pair(self, pair: tuple[socket.socket, socket.socket]) -> None:
+        self._pairs.discard(pair)
+        for sock in pair:
+            # shutdown() first: it wakes the pump blocked in recv() on this
+            # socket with a clean EOF, where close() alone would make gevent
+            # raise "file descriptor closed in another greenlet" there.
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
