@@ -1,0 +1,91 @@
+"""Reply accounting: knowing, without touching the socket, whether a
+connection still owes us replies.
+
+redis-py's own pool guards each checkout with ``can_read()``, a socket poll
+that costs a hub round trip under gevent, and that redis-py 8 skips entirely
+when RESP3 client-side caching or maintenance notifications are on. A
+connection released with an unread reply is then handed out again and stays
+one reply behind for ever (``GET b`` returns the value of ``a``).
+
+greenpool counts instead: every command written adds one owed reply, every
+reply read removes one, and a disconnect forgives them all. A connection
+released with a non-zero count is closed, never handed out. The count is
+kept by a subclass of the user's connection class that the pool builds once
+(:func:`tracked_class`), so the check on release is one attribute read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Type
+
+from redis.exceptions import ResponseError
+
+__all__ = ["tracked_class", "owed_replies"]
+
+
+class _PackedCommands(List[Any]):
+    """The output of ``pack_commands``, remembering how many commands it holds."""
+
+    greenpool_replies = 0
+
+
+class ReplyTracking:
+    """Mixin for a redis-py connection class: counts replies still owed."""
+
+    #: Replies the server owes for commands written on this socket. Only the
+    #: greenlet holding the connection touches it, so it needs no lock.
+    _greenpool_owed = 0
+
+    def pack_commands(self, commands: Iterable[Any]) -> List[Any]:
+        commands = list(commands)
+        packed = _PackedCommands(super().pack_commands(commands))  # type: ignore[misc]
+        packed.greenpool_replies = len(commands)
+        return packed
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+        # Counted only once every byte is written: a failed or interrupted
+        # write makes redis-py disconnect, which already forgave the count.
+        self._greenpool_owed += getattr(command, "greenpool_replies", 1)
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            response = super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except ResponseError:
+            # An error reply is still a reply: it was read off the socket.
+            self._greenpool_owed -= 1
+            raise
+        self._greenpool_owed -= 1
+        return response
+
+    def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().disconnect(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._greenpool_owed = 0
+
+
+_CLASSES: Dict[type, type] = {}
+
+
+def tracked_class(connection_class: Type[Any]) -> Type[Any]:
+    """Return the reply-tracking subclass of *connection_class* (built once)."""
+    if issubclass(connection_class, ReplyTracking):
+        return connection_class
+    try:
+        return _CLASSES[connection_class]
+    except KeyError:
+        pass
+    cls = type(
+        connection_class.__name__,
+        (ReplyTracking, connection_class),
+        {"__module__": connection_class.__module__, "__doc__": connection_class.__doc__},
+    )
+    _CLASSES[connection_class] = cls
+    return cls
+
+
+def owed_replies(connection: Any) -> int:
+    """Replies *connection* still owes, looking through redis-py's cache proxy."""
+    inner = getattr(connection, "_conn", connection)
+    return getattr(inner, "_greenpool_owed", 0)

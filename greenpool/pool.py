@@ -1,0 +1,646 @@
+"""The pool: checkout, release, waiting, dialling and the pool's state.
+
+Everything that decides who gets which connection happens here, in short
+sections that never yield to the hub: under gevent only one greenlet runs at
+a time, so a section without a yield is atomic and needs no lock. Network
+I/O (opening a connection) happens outside them, in a dial greenlet the pool
+owns, so a caller that is killed or times out never leaves a half-opened
+socket behind: the dial finishes and serves the next caller.
+
+The life of a connection::
+
+    dial greenlet --> idle (LIFO stack) --> in use --> released
+                  \\                   /                 |
+                   `-> oldest waiter <-------------------'   (FIFO hand-off)
+
+A released connection goes straight to the oldest live waiter, so a greenlet
+that releases and asks again queues behind those already waiting (redis-py's
+pools let it barge in and starve them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import time
+import traceback
+import weakref
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional
+
+import gevent
+import redis
+from gevent import getcurrent
+from gevent.hub import Waiter
+from gevent.monkey import get_original
+from redis.connection import parse_url
+
+from . import config, maintenance
+from ._tracking import tracked_class
+from .errors import PoolClosed, PoolTimeout, TooManyWaiters
+from .stats import Counters, PoolStats
+
+__all__ = ["BlockingConnectionPool"]
+
+logger = logging.getLogger("greenpool")
+
+# The real OS thread id, even under monkey-patching (where threads are greenlets).
+_thread_ident: Callable[[], int] = get_original("_thread", "get_ident")
+_poll = get_original("select", "poll")
+_POLLIN = 0x001 | 0x008 | 0x010  # POLLIN | POLLERR | POLLHUP
+
+_names = itertools.count(1)
+_UNSET: Any = object()  # "not given": None is a meaningful timeout
+
+#: Dials in flight at once while callers wait. One at a time damps a spike:
+#: connections released meanwhile serve the waiters, and the pool grows only
+#: as far as the load lasts (HikariCP's single "connection adder" thread).
+_DIAL_CONCURRENCY = 1
+
+#: Negative jitter on max_lifetime, as a fraction, so connections opened
+#: together are not all replaced together.
+_LIFETIME_JITTER = 0.1
+
+
+class _Slot:
+    """One connection the pool owns, with its bookkeeping."""
+
+    __slots__ = (
+        "conn",
+        "raw",
+        "created_at",
+        "expires_at",
+        "idle_since",
+        "holder",
+        "lent_at",
+        "stack",
+        "leak_reported",
+        "discard",
+    )
+
+    def __init__(self, conn: Any, now: float, expires_at: float) -> None:
+        self.conn = conn
+        # The connection that talks to the socket (redis-py's client-side
+        # cache wraps it in a proxy).
+        self.raw = getattr(conn, "_conn", conn)
+        self.created_at = now
+        self.expires_at = expires_at
+        self.idle_since = now
+        self.holder: Any = None  # None while handed to a waiter not yet running
+        self.lent_at = now
+        self.stack: Optional[traceback.StackSummary] = None
+        self.leak_reported = False
+        self.discard = False  # close on release (after disconnect())
+
+
+class _Waiter:
+    """A caller queued for a connection."""
+
+    __slots__ = ("waiter", "slot", "error", "cancelled")
+
+    def __init__(self) -> None:
+        self.waiter = Waiter()
+        self.slot: Optional[_Slot] = None
+        self.error: Optional[BaseException] = None
+        self.cancelled = False
+
+    def wake(self) -> None:
+        # Waiter.switch may only run in the hub: schedule it. If the caller
+        # has already woken (its timer fired) the late switch is a no-op.
+        self.waiter.hub.loop.run_callback(self.waiter.switch, None)
+
+
+_POOLS: "weakref.WeakSet[BlockingConnectionPool]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._forget_parent()
+
+
+if hasattr(os, "register_at_fork"):
+    # Runs inside os.fork() in the child, before any greenlet does: no
+    # greenlet can race the reset, whether or not gevent patched the process
+    # yet (gunicorn --preload builds pools, forks, then patches).
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class BlockingConnectionPool(redis.ConnectionPool):
+    """A fair, bounded, kill-safe blocking connection pool for gevent.
+
+    A drop-in ``connection_pool=`` for :class:`redis.Redis`. When every
+    connection is busy, a caller waits cooperatively, in arrival order, up to
+    *timeout* seconds, then gets :class:`~greenpool.PoolTimeout`.
+
+    :param max_connections: the most connections that exist at once, counting
+        idle ones, those in use and those being opened.
+    :param timeout: seconds a caller waits for a connection; ``None`` waits
+        for ever; ``0`` never waits for a busy connection (it still waits for
+        a connection being opened for it when the pool can grow).
+    :param name: the pool's name in logs, errors and ``repr``.
+    :param connection_class: the redis-py connection class.
+    :param connection_kwargs: passed to *connection_class* (``host``,
+        ``port``, ``db``, ``password``, ``socket_timeout``, ``protocol`` ...).
+
+    The lifecycle options (``idle_timeout``, ``min_idle``, ``max_lifetime``,
+    ``validation_window``, keepalive, ``leak_detection_threshold``,
+    ``max_waiters``) are keyword-only; :mod:`greenpool.config` documents each.
+    Every value is validated here, once.
+    """
+
+    def __init__(
+        self,
+        max_connections: Any = _UNSET,
+        timeout: Any = _UNSET,
+        *,
+        connection_class: type = redis.Connection,
+        clock: Callable[[], float] = time.monotonic,
+        _resolved: Optional[config.Resolved] = None,
+        **kwargs: Any,
+    ) -> None:
+        given = dict(kwargs, max_connections=max_connections, timeout=timeout)
+        settings = {k: v for k, v in given.items() if k in config.SETTINGS_BY_NAME and v is not _UNSET}
+        connection_kwargs = {k: v for k, v in given.items() if k not in config.SETTINGS_BY_NAME}
+        if "url" in settings:
+            raise TypeError("BlockingConnectionPool() takes no url: use BlockingConnectionPool.from_url(url)")
+        if _resolved is None:
+            _resolved = config.resolve(overrides=settings)
+        options = dict(_resolved.options)
+        del options["url"]
+        self.options = options
+        #: Where each setting's value came from: argument, url, environment or default.
+        self.sources = _resolved.sources
+        self.max_connections: int = options["max_connections"]
+        self.timeout: Optional[float] = options["timeout"]
+        self.name: str = options["name"] or f"greenpool-{next(_names)}"
+        self._clock = clock
+        self._max_waiters: Optional[int] = options["max_waiters"]
+        self._validation_window: float = options["validation_window"]
+        lifetime = options["max_lifetime"]
+        self._max_lifetime: float = float("inf") if lifetime is None else lifetime
+        self._leak_threshold: Optional[float] = options["leak_detection_threshold"]
+        # timeout=0 callers never wait for a busy connection, so nothing
+        # damps their dials: each gets its own.
+        self._dial_limit = _DIAL_CONCURRENCY if self.timeout != 0 else self.max_connections
+        self._tracked_class = tracked_class(connection_class)
+        self._check_reconnect = hasattr(connection_class, "should_reconnect")
+        self._maintenance: Optional[maintenance.Maintenance] = None
+        for key, value in config.connection_kwargs(options, connection_class).items():
+            connection_kwargs.setdefault(key, value)  # the user's own mapping wins
+        # redis-py's constructor sets up what its client expects of a pool
+        # (encoder, protocol, cache, maintenance notifications) and ends by
+        # calling our reset().
+        super().__init__(connection_class=connection_class, **connection_kwargs)
+        self.max_connections = options["max_connections"]
+        _POOLS.add(self)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> "BlockingConnectionPool":
+        """Build a pool from a ``redis://``, ``rediss://`` or ``unix://`` URL.
+
+        Query options (``?max_connections=10&timeout=2``, and every greenpool
+        setting) are parsed strictly and apply unless the same keyword is
+        given: explicit argument > URL query > ``GREENPOOL_*`` variable >
+        default. redis-py's own query options (``db``, ``socket_timeout`` ...)
+        work as in redis-py.
+        """
+        return cls._build(url=url, **kwargs)
+
+    @classmethod
+    def _build(
+        cls,
+        *,
+        url: Optional[str] = None,
+        environ: Optional[Mapping[str, str]] = None,
+        prefix: str = "GREENPOOL_",
+        use_env_url: bool = False,
+        **kwargs: Any,
+    ) -> "BlockingConnectionPool":
+        settings = {k: v for k, v in kwargs.items() if k in config.SETTINGS_BY_NAME}
+        resolved = config.resolve(environ, prefix=prefix, url=url, overrides=settings)
+        connection_kwargs: Dict[str, Any] = {}
+        if resolved.url is not None and (url is not None or use_env_url):
+            connection_kwargs = parse_url(resolved.url)
+        connection_kwargs.update((k, v) for k, v in kwargs.items() if k not in settings)
+        return cls(_resolved=resolved, **connection_kwargs)
+
+    # -- state -------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every connection and start afresh (idle ones are closed)."""
+        old_idle = getattr(self, "_idle", [])
+        self._init_state()
+        for slot in old_idle:
+            self._close_slot(slot, "pool_closed")
+
+    def _init_state(self) -> None:
+        self._idle: List[_Slot] = []  # LIFO: the most recently used at the end
+        self._in_use: Dict[Any, _Slot] = {}
+        self._waiters: Deque[_Waiter] = deque()
+        self._nwaiting = 0  # live (not cancelled) entries of _waiters
+        self._dialling = 0
+        self._closed = False
+        self._thread: Optional[int] = None
+        self._generation = object()  # dials of an older generation are dropped
+        self._orphans: List[Any] = []
+        self._last_dial_error: Optional[BaseException] = None
+        self._counters = Counters()
+        self.pid = os.getpid()
+
+    def _forget_parent(self) -> None:
+        # In a forked child: the parent's sockets must never be used, written
+        # to or shut down from here. Keep them aside and close our copies of
+        # their file descriptors later, outside the fork handler.
+        orphans = [slot.conn for slot in self._idle] + list(self._in_use)
+        closed = self._closed
+        self._init_state()
+        self._closed = closed
+        self._orphans = orphans
+        self._maintenance = None
+
+    def _size(self) -> int:
+        return len(self._idle) + len(self._in_use) + self._dialling
+
+    def _adopt_thread(self) -> None:
+        ident = _thread_ident()
+        if self._thread is None:
+            self._thread = ident
+        elif self._thread != ident:
+            raise RuntimeError(
+                f"pool {self.name!r} belongs to the gevent hub of OS thread "
+                f"{self._thread:#x}; it was used from OS thread {ident:#x}. Use one "
+                "pool per thread (under monkey-patching, threads are greenlets and "
+                "share one pool safely)"
+            )
+
+    # -- checkout ----------------------------------------------------------
+
+    def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+        """Lend a connection, waiting for one if all are busy.
+
+        The arguments are accepted for compatibility with every redis-py
+        version's client and ignored.
+        """
+        if _thread_ident() != self._thread:
+            self._adopt_thread()
+        idle = self._idle
+        while idle and not self._nwaiting:
+            slot = idle.pop()
+            now = self._clock()
+            if now - slot.idle_since > self._validation_window and not self._still_good(slot, now):
+                continue
+            self._in_use[slot.conn] = slot
+            return self._lend(slot, now)
+        return self._wait()
+
+    def _lend(self, slot: _Slot, now: float) -> Any:
+        self._counters.checkouts += 1
+        slot.holder = getcurrent()
+        if self._leak_threshold is not None:
+            slot.lent_at = now
+            slot.leak_reported = False
+            slot.stack = traceback.extract_stack()
+        return slot.conn
+
+    def _still_good(self, slot: _Slot, now: float) -> bool:
+        """Check an idle connection without blocking; close it if it is not."""
+        if now >= slot.expires_at:
+            self._close_slot(slot, "expired")
+            return False
+        sock = slot.raw._sock
+        if sock is not None:
+            # A zero-timeout poll of the real fd: a syscall, but never a hub
+            # round trip. Readable means EOF (the server closed it) or data
+            # nobody asked for; either way the connection is not clean.
+            poller = _poll()
+            try:
+                poller.register(sock.fileno(), _POLLIN)
+                if not poller.poll(0):
+                    return True
+            except (OSError, ValueError):
+                pass
+        self._close_slot(slot, "failed_check")
+        return False
+
+    def _wait(self) -> Any:
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        if self._max_waiters is not None and self._nwaiting >= self._max_waiters:
+            raise TooManyWaiters(
+                f"pool {self.name!r} already has {self._nwaiting} callers waiting "
+                f"(max_waiters={self._max_waiters}, max_connections={self.max_connections})"
+            )
+        timeout = self.timeout
+        if timeout == 0 and self._size() >= self.max_connections:
+            self._counters.timeouts += 1
+            raise PoolTimeout(self._timeout_message())
+        entry = _Waiter()
+        self._waiters.append(entry)
+        self._nwaiting += 1
+        self._counters.waits += 1
+        self._grow()
+        timer = None
+        if timeout:
+            timer = entry.waiter.hub.loop.timer(timeout)
+            timer.start(entry.waiter.switch, None)
+        start = self._clock()
+        try:
+            entry.waiter.get()
+        except BaseException:
+            self._abandon(entry)
+            raise
+        finally:
+            if timer is not None:
+                timer.close()
+            self._counters.wait_time += self._clock() - start
+        # Woken by a hand-off, an error, or our timer; a hand-off that raced
+        # the timer still wins.
+        if entry.slot is not None:
+            return self._lend(entry.slot, self._clock())
+        if entry.error is not None:
+            raise entry.error
+        entry.cancelled = True
+        self._nwaiting -= 1
+        self._counters.timeouts += 1
+        raise PoolTimeout(self._timeout_message())
+
+    def _abandon(self, entry: _Waiter) -> None:
+        # The waiter was killed or interrupted (GreenletExit, gevent.Timeout,
+        # KeyboardInterrupt). If a connection was handed to it at that very
+        # instant, pass it on rather than lose the slot.
+        if entry.slot is not None:
+            slot, entry.slot = entry.slot, None
+            del self._in_use[slot.conn]
+            self._put(slot, self._clock())
+        elif entry.error is None and not entry.cancelled:
+            entry.cancelled = True
+            self._nwaiting -= 1
+
+    def _timeout_message(self) -> str:
+        message = (
+            f"no connection from pool {self.name!r} within {self.timeout:.2f} s "
+            f"(max_connections={self.max_connections}, {len(self._in_use)} in use, "
+            f"{self._nwaiting} waiting)"
+        )
+        if self._last_dial_error is not None and self._size() < self.max_connections:
+            message += f"; last connection error: {self._last_dial_error}"
+        return message
+
+    # -- release -----------------------------------------------------------
+
+    def release(self, connection: Any) -> None:
+        """Take a connection back; it goes to the oldest waiter, else idle.
+
+        A connection that owes replies, lost its socket, outlived
+        ``max_lifetime`` or was marked by :meth:`disconnect` is closed instead.
+        """
+        if _thread_ident() != self._thread:
+            self._adopt_thread()
+        slot = self._in_use.pop(connection, None)
+        if slot is None or slot.holder is None:
+            self._release_unknown(connection, slot)
+            return
+        now = self._clock()
+        raw = slot.raw
+        if (
+            raw._greenpool_owed
+            or raw._sock is None
+            or now >= slot.expires_at
+            or slot.discard
+            or self._closed
+            or (self._check_reconnect and connection.should_reconnect())
+        ):
+            self._retire(slot, now)
+            return
+        self._put(slot, now)
+
+    def _put(self, slot: _Slot, now: float) -> None:
+        """Give a connection nobody holds to the oldest live waiter, or idle."""
+        waiters = self._waiters
+        while waiters:
+            entry = waiters.popleft()
+            if entry.cancelled:
+                continue
+            self._nwaiting -= 1
+            slot.holder = None
+            entry.slot = slot
+            self._in_use[slot.conn] = slot
+            entry.wake()
+            return
+        slot.idle_since = now
+        self._idle.append(slot)
+
+    def _retire(self, slot: _Slot, now: float) -> None:
+        raw = slot.raw
+        if self._closed or slot.discard:
+            reason = "pool_closed"
+        elif raw._greenpool_owed:
+            reason = "dirty"
+        elif raw._sock is None:
+            reason = "broken"
+        elif now >= slot.expires_at:
+            reason = "expired"
+        else:
+            reason = "reconnect"
+        self._close_slot(slot, reason)
+        self._grow()
+
+    def _release_unknown(self, connection: Any, slot: Optional[_Slot]) -> None:
+        self._counters.misuses += 1
+        if slot is not None:
+            # Handed to a waiter that has not run yet: nobody holds it, so this
+            # is a second release. Put the entry back untouched.
+            self._in_use[connection] = slot
+            what = "released twice (it was already handed to another caller)"
+        elif any(s.conn is connection for s in self._idle):
+            what = "released twice (it is already idle)"
+        elif connection in self._orphans or getattr(connection, "pid", None) != os.getpid():
+            # Checked out before a fork: close our copy of the fd, never the
+            # parent's connection (redis-py skips shutdown() across a fork).
+            self._counters.misuses -= 1
+            connection.disconnect()
+            return
+        else:
+            what = "not lent out by this pool"
+        logger.warning("pool %r ignored a release: %r was %s", self.name, connection, what)
+
+    # -- dialling ----------------------------------------------------------
+
+    def make_connection(self) -> Any:
+        """Create a connection object (not yet connected); used by dials."""
+        conn = self._tracked_class(**self.connection_kwargs)
+        if self.cache is not None:
+            from redis.connection import CacheProxyConnection
+
+            conn = CacheProxyConnection(conn, self.cache, self._lock)  # type: ignore[abstract]
+        return conn
+
+    def _grow(self) -> None:
+        """Start a dial if callers wait that dials in flight will not serve."""
+        while (
+            self._nwaiting > self._dialling
+            and self._dialling < self._dial_limit
+            and self._size() < self.max_connections
+            and not self._closed
+        ):
+            self._start_dial()
+
+    def _start_dial(self) -> None:
+        self._dialling += 1
+        if self._maintenance is None:
+            self._maintenance = maintenance.start(self)
+        gevent.spawn(self._dial, self._generation).name = f"{self.name}-dial"
+
+    def _dial(self, generation: object) -> None:
+        try:
+            conn = self.make_connection()
+            conn.connect()
+        except BaseException as exc:
+            if generation is self._generation:
+                self._dialling -= 1
+                self._counters.dial_errors += 1
+                self._last_dial_error = exc
+                logger.debug("pool %r failed to open a connection: %s", self.name, exc)
+                self._deliver_error(exc)
+                self._grow()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if generation is not self._generation:
+            conn.disconnect()
+            return
+        self._dialling -= 1
+        self._counters.created += 1
+        self._last_dial_error = None
+        now = self._clock()
+        expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
+        slot = _Slot(conn, now, expires_at)
+        if self._closed:
+            self._close_slot(slot, "pool_closed")
+            return
+        self._put(slot, now)
+        self._grow()
+
+    def _deliver_error(self, exc: BaseException) -> None:
+        # The oldest waiter learns why the pool could not grow, at once,
+        # rather than waiting out its timeout.
+        while self._waiters:
+            entry = self._waiters.popleft()
+            if not entry.cancelled:
+                self._nwaiting -= 1
+                entry.error = exc
+                entry.wake()
+                return
+
+    # -- closing -----------------------------------------------------------
+
+    def _close_slot(self, slot: _Slot, reason: str) -> None:
+        self._counters.closed[reason] += 1
+        try:
+            slot.conn.disconnect()
+        except Exception:  # a close that fails still frees the slot
+            logger.debug("pool %r: error closing %r", self.name, slot.conn, exc_info=True)
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        """Close idle connections now; those in use close when released.
+
+        The pool stays usable. (redis-py's pools also close sockets in use by
+        other callers; under gevent that would pull a socket from under a
+        greenlet mid-command, so greenpool defers them to their release.)
+        """
+        idle, self._idle = self._idle, []
+        for slot in idle:
+            self._close_slot(slot, "pool_closed")
+        if inuse_connections:
+            for slot in self._in_use.values():
+                slot.discard = True
+        self._grow()
+
+    def close(self) -> None:
+        """Close the pool: idempotent, and every waiter gets PoolClosed.
+
+        Idle connections close now, connections in use when released, and
+        the maintenance greenlet stops.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        waiters, self._waiters = self._waiters, deque()
+        self._nwaiting = 0
+        for entry in waiters:
+            if not entry.cancelled:
+                entry.error = PoolClosed(f"pool {self.name!r} was closed while waiting")
+                entry.wake()
+        idle, self._idle = self._idle, []
+        for slot in idle:
+            self._close_slot(slot, "pool_closed")
+        if self._maintenance is not None:
+            self._maintenance.stop()
+            self._maintenance = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def _checkpid(self) -> None:
+        # Fork safety comes from os.register_at_fork (see _forget_parent), so
+        # no getpid() syscall is needed on every checkout.
+        pass
+
+    def owns_connection(self, connection: Any) -> bool:
+        return connection in self._in_use or any(s.conn is connection for s in self._idle)
+
+    # redis-py's client and maintenance notifications call these.
+
+    def _get_free_connections(self) -> List[Any]:
+        return [slot.conn for slot in self._idle]
+
+    def _get_in_use_connections(self) -> set:
+        return set(self._in_use)
+
+    def set_retry(self, retry: Any) -> None:
+        self.connection_kwargs.update({"retry": retry})
+        for conn in self._get_free_connections() + list(self._in_use):
+            conn.retry = retry
+
+    def re_auth_callback(self, token: Any) -> None:
+        # Idle connections re-authenticate when next lent (redis-py checks the
+        # token before each command); sending AUTH here would need I/O inside
+        # the pool's bookkeeping.
+        for conn in self._get_free_connections() + list(self._in_use):
+            conn.set_re_auth_token(token)
+
+    # -- observing ---------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        """A frozen snapshot of the pool's state and counters."""
+        return self._counters.snapshot(
+            name=self.name,
+            max_connections=self.max_connections,
+            size=self._size(),
+            idle=len(self._idle),
+            in_use=len(self._in_use),
+            dialling=self._dialling,
+            waiting=self._nwaiting,
+        )
+
+    def _target(self) -> str:
+        kw = self.connection_kwargs
+        if "path" in kw:
+            return f"unix://{kw['path']}?db={kw.get('db', 0)}"
+        return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return (
+            f"<greenpool.BlockingConnectionPool {self.name!r} {self._target()}{state} "
+            f"size={self._size()}/{self.max_connections} idle={len(self._idle)} "
+            f"in_use={len(self._in_use)} dialling={self._dialling} waiting={self._nwaiting}>"
+        )
+
+    def __del__(self) -> None:
+        # redis-py's __del__ records metrics about its own lists; ours has none.
+        pass

@@ -1,0 +1,145 @@
+"""Contracts 6 and 7: a connection handed out is clean, and cheap to hand out."""
+
+from __future__ import annotations
+
+import greenlet
+import pytest
+import redis
+
+import greenpool.pool
+
+PARSERS = ["hiredis", "python"]
+
+
+def parser_kwargs(parser: str) -> dict:
+    if parser == "hiredis":
+        pytest.importorskip("hiredis")
+        from redis.connection import DefaultParser
+
+        if "Hiredis" not in DefaultParser.__name__:  # pragma: no cover
+            pytest.skip("redis-py is not using hiredis")
+        return {}
+    try:
+        from redis._parsers import _RESP2Parser as Resp2  # redis-py >= 5
+        from redis._parsers import _RESP3Parser as Resp3
+    except ImportError:  # redis-py 4.6
+        from redis.connection import PythonParser as Resp2
+
+        Resp3 = Resp2
+    return {"parser_class": Resp2, "_resp3_parser": Resp3}
+
+
+def make_kwargs(protocol: int, parser: str) -> dict:
+    kwargs = parser_kwargs(parser)
+    resp3 = kwargs.pop("_resp3_parser", None)
+    if protocol == 3:
+        if redis.VERSION < (5,):
+            pytest.skip("redis-py 4.6 has no RESP3")
+        kwargs["protocol"] = 3
+        if resp3 is not None:
+            kwargs["parser_class"] = resp3
+    return kwargs
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+@pytest.mark.parametrize("parser", PARSERS)
+def test_connection_released_owing_a_reply_is_never_handed_out(make_pool, protocol, parser):
+    """A command sent but not read, then released: the next caller still gets its own replies."""
+    pool = make_pool(max_connections=1, timeout=1, **make_kwargs(protocol, parser))
+    client = redis.Redis(connection_pool=pool)
+    client.set("a", "value-of-a")
+    client.set("b", "value-of-b")
+    conn = pool.get_connection()
+    conn.send_command("GET", "a")  # the reply is never read
+    pool.release(conn)
+    assert client.get("b") == b"value-of-b"
+    assert pool.stats().closed["dirty"] == 1
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_pipeline_whose_callback_fails_leaves_no_reply_behind(make_pool, protocol):
+    """A response callback raising mid-pipeline leaves replies unread; the connection is closed."""
+    pool = make_pool(max_connections=1, timeout=1, **make_kwargs(protocol, "hiredis"))
+    client = redis.Redis(connection_pool=pool)
+    client.set("a", "1")
+    client.set("b", "2")
+
+    def explode(response, **options):
+        raise ValueError("callback failed")
+
+    client.set_response_callback("ECHO", explode)
+    pipe = client.pipeline(transaction=False)
+    pipe.echo("x").get("a").get("b")
+    with pytest.raises(ValueError, match="callback failed"):
+        pipe.execute()
+    assert client.get("b") == b"2"
+    assert pool.stats().closed["dirty"] == 1
+
+
+def test_redis_py_pool_hands_out_a_dirty_connection_under_resp3(redis_server):
+    """Control: redis-py 8's own pool, RESP3, returns the previous caller's reply."""
+    if redis.VERSION < (8,):
+        pytest.skip("redis-py before 8 does not turn its checkout guard off under RESP3")
+    pool = redis.BlockingConnectionPool(
+        host=redis_server.host, port=redis_server.port, protocol=3, max_connections=1
+    )
+    try:
+        client = redis.Redis(connection_pool=pool)
+        client.set("a", "value-of-a")
+        conn = pool.get_connection()
+        conn.send_command("GET", "a")
+        pool.release(conn)
+        assert client.get("b") == b"value-of-a"  # one reply behind
+    finally:
+        pool.disconnect()
+
+
+def test_stray_data_on_an_idle_connection_is_caught_by_the_readiness_check(make_pool, redis_server):
+    """A connection idle past the validation window with unread data is replaced."""
+    now = [100.0]
+    pool = make_pool(max_connections=1, timeout=1, clock=lambda: now[0])
+    client = redis.Redis(connection_pool=pool)
+    client.set("k", "v")
+    conn = pool.get_connection()
+    # Write behind the pool's back: the server's reply arrives unasked.
+    conn._sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+    pool.release(conn)
+    redis.Redis(host=redis_server.host, port=redis_server.port).ping()  # let the reply land
+    now[0] += 10  # well past the validation window
+    assert client.get("k") == b"v"
+    assert pool.stats().closed["failed_check"] == 1
+
+
+def test_server_closed_idle_connection_is_replaced_transparently(make_pool, redis_server):
+    """CLIENT KILL between commands: the next caller succeeds without seeing an error."""
+    now = [100.0]
+    pool = make_pool(max_connections=2, timeout=1, clock=lambda: now[0])
+    client = redis.Redis(connection_pool=pool)
+    client.set("k", "v")
+    redis.Redis(host=redis_server.host, port=redis_server.port).client_kill_filter(
+        _type="normal", skipme=True
+    )
+    now[0] += 10
+    assert client.get("k") == b"v"
+
+
+def test_recent_connection_checkout_makes_no_syscall_and_no_switch(make_pool, monkeypatch):
+    """Checkout+release of a recently used connection neither polls nor yields to the hub."""
+    polls = []
+    real_poll = greenpool.pool._poll
+    monkeypatch.setattr(greenpool.pool, "_poll", lambda: polls.append(1) or real_poll())
+    now = [100.0]
+    pool = make_pool(max_connections=2, timeout=1, clock=lambda: now[0])
+    conn = pool.get_connection()
+    pool.release(conn)
+    switches = []
+    old = greenlet.settrace(lambda event, args: switches.append(event))
+    try:
+        for _ in range(100):
+            pool.release(pool.get_connection())
+    finally:
+        greenlet.settrace(old)
+    assert switches == [] and polls == []
+    now[0] += 10  # older than the validation window: one readiness check
+    pool.release(pool.get_connection())
+    assert len(polls) == 1

@@ -1,0 +1,151 @@
+"""Contracts 11 and 12 (stats) and the misuse rules: close, stats, repr, bad releases, threads."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import gevent
+import pytest
+import redis
+from gevent.monkey import get_original
+from pools import check_invariants
+
+from greenpool import BlockingConnectionPool, PoolClosed, PoolStats
+
+
+def test_close_wakes_waiters_closes_idle_and_is_idempotent(make_pool, redis_server, server_clients):
+    """close() wakes every waiter with PoolClosed and closes idle connections, twice safely."""
+    pool = make_pool(max_connections=2, timeout=5)
+    a, b = pool.get_connection(), pool.get_connection()
+    pool.release(b)  # one idle
+    pool.release(pool.get_connection())
+    held = pool.get_connection()
+    assert held is b
+    waiters = [gevent.spawn(pool.get_connection) for _ in range(3)]
+    gevent.sleep(0)
+    assert pool.stats().waiting == 3
+    pool.close()
+    pool.close()
+    for waiter in waiters:
+        with pytest.raises(PoolClosed, match="closed while waiting"):
+            waiter.get(timeout=1)
+    with pytest.raises(PoolClosed, match="is closed"):
+        pool.get_connection()
+    pool.release(a)  # released after close: closed, not kept
+    pool.release(held)
+    stats = pool.stats()
+    assert stats.size == 0 and stats.closed["pool_closed"] == 2
+    assert a._sock is None and held._sock is None
+    assert pool.closed
+
+
+def test_pool_is_a_context_manager(redis_server):
+    """Leaving the with block closes the pool and stops its maintenance greenlet."""
+    with BlockingConnectionPool(host=redis_server.host, port=redis_server.port) as pool:
+        redis.Redis(connection_pool=pool).ping()
+        maintenance = pool._maintenance
+        assert maintenance is not None and not maintenance.greenlet.dead
+    assert pool.closed
+    maintenance.greenlet.join(timeout=1)
+    assert maintenance.greenlet.dead
+
+
+def test_stats_snapshot_counts_everything(make_pool):
+    """stats() is a frozen snapshot with gauges and counters."""
+    pool = make_pool(max_connections=2, timeout=0.05, name="s")
+    client = redis.Redis(connection_pool=pool)
+    client.ping()
+    held = [pool.get_connection(), pool.get_connection()]
+    with pytest.raises(redis.ConnectionError):
+        pool.get_connection()
+    stats = pool.stats()
+    assert isinstance(stats, PoolStats)
+    assert (stats.name, stats.max_connections, stats.size, stats.idle, stats.in_use) == ("s", 2, 2, 0, 2)
+    assert (stats.checkouts, stats.waits, stats.timeouts, stats.created) == (3, 3, 1, 2)
+    assert stats.wait_time > 0.04
+    with pytest.raises(AttributeError):
+        stats.size = 3  # type: ignore[misc]
+    assert stats.as_dict()["closed"]["dirty"] == 0
+    for conn in held:
+        pool.release(conn)
+
+
+def test_repr_shows_the_live_state(make_pool, redis_server):
+    """repr(pool) names the pool, the server and every gauge."""
+    pool = make_pool(max_connections=3, name="cache")
+    conn = pool.get_connection()
+    assert re.fullmatch(
+        rf"<greenpool.BlockingConnectionPool 'cache' 127.0.0.1:{redis_server.port}/0 "
+        r"size=1/3 idle=0 in_use=1 dialling=0 waiting=0>",
+        repr(pool),
+    )
+    pool.release(conn)
+    pool.close()
+    assert " closed size=0/3 " in repr(pool)
+
+
+def test_double_release_is_ignored_with_a_warning(make_pool, caplog):
+    """Releasing twice never makes a connection idle twice or lends it to two callers."""
+    pool = make_pool(max_connections=2, timeout=1)
+    conn = pool.get_connection()
+    pool.release(conn)
+    with caplog.at_level(logging.WARNING, logger="greenpool"):
+        pool.release(conn)
+    assert "released twice (it is already idle)" in caplog.text
+    assert pool.stats().idle == 1 and pool.stats().misuses == 1
+    first, second = pool.get_connection(), pool.get_connection()
+    assert first is not second
+    pool.release(first)
+    pool.release(second)
+    check_invariants(pool)
+
+
+def test_double_release_during_a_hand_off_is_ignored(make_pool, caplog):
+    """A second release of a connection already handed to a waiter does not take it back."""
+    pool = make_pool(max_connections=1, timeout=1)
+    conn = pool.get_connection()
+    waiter = gevent.spawn(pool.get_connection)
+    gevent.sleep(0)
+    pool.release(conn)  # handed to the waiter
+    with caplog.at_level(logging.WARNING, logger="greenpool"):
+        pool.release(conn)
+    assert "already handed to another caller" in caplog.text
+    assert waiter.get(timeout=1) is conn
+    assert pool.stats().in_use == 1
+    pool.release(conn)
+    check_invariants(pool)
+
+
+def test_release_of_a_foreign_connection_is_ignored(make_pool, caplog):
+    """A connection of another pool is neither adopted nor closed."""
+    ours, theirs = make_pool(max_connections=1), make_pool(max_connections=1)
+    conn = theirs.get_connection()
+    with caplog.at_level(logging.WARNING, logger="greenpool"):
+        ours.release(conn)
+    assert "not lent out by this pool" in caplog.text
+    assert ours.stats().idle == 0 and conn._sock is not None
+    theirs.release(conn)
+
+
+def test_use_from_another_os_thread_is_refused(make_pool):
+    """A real OS thread (another hub) gets a clear error and the state is untouched."""
+    pool = make_pool(max_connections=1, timeout=1)
+    pool.release(pool.get_connection())
+    errors = []
+
+    def other_thread() -> None:
+        try:
+            pool.get_connection()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    start_thread = get_original("_thread", "start_new_thread")
+    lock = get_original("_thread", "allocate_lock")()
+    lock.acquire()
+    start_thread(lambda: (other_thread(), lock.release()), ())
+    while not lock.acquire(False):
+        gevent.sleep(0.01)
+    assert errors and "used from OS thread" in errors[0]
+    assert pool.stats().idle == 1
+    check_invariants(pool)
