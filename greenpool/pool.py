@@ -53,6 +53,7 @@ _POLLIN = 0x001 | 0x008 | 0x010  # POLLIN | POLLERR | POLLHUP
 
 _names = itertools.count(1)
 _UNSET: Any = object()  # "not given": None is a meaningful timeout
+_LENT = "lent"  # Slot.holder of a lent connection when leak detection is off
 
 #: Dials in flight at once while callers wait. One at a time damps a spike:
 #: connections released meanwhile serve the waiters, and the pool grows only
@@ -88,7 +89,9 @@ class _Slot:
         self.created_at = now
         self.expires_at = expires_at
         self.idle_since = now
-        self.holder: Any = None  # None while handed to a waiter not yet running
+        # None while idle or handed to a waiter that has not run yet; _LENT,
+        # or the holder greenlet when leak detection is on, once lent.
+        self.holder: Any = None
         self.lent_at = now
         self.stack: Optional[traceback.StackSummary] = None
         self.leak_reported = False
@@ -286,23 +289,29 @@ class BlockingConnectionPool(redis.ConnectionPool):
         if _thread_ident() != self._thread:
             self._adopt_thread()
         idle = self._idle
+        # The hot path, inlined: a connection used within the validation
+        # window is lent with no syscall and no switch to the hub.
         while idle and not self._nwaiting:
             slot = idle.pop()
             now = self._clock()
             if now - slot.idle_since > self._validation_window and not self._still_good(slot, now):
                 continue
             self._in_use[slot.conn] = slot
-            return self._lend(slot, now)
+            self._counters.checkouts += 1
+            if self._leak_threshold is None:
+                slot.holder = _LENT
+            else:
+                self._track(slot, now)
+            return slot.conn
         return self._wait()
 
-    def _lend(self, slot: _Slot, now: float) -> Any:
-        self._counters.checkouts += 1
+    def _track(self, slot: _Slot, now: float) -> None:
+        # Leak detection only: who holds the connection, since when, and the
+        # stack that took it (extract_stack costs some microseconds).
         slot.holder = getcurrent()
-        if self._leak_threshold is not None:
-            slot.lent_at = now
-            slot.leak_reported = False
-            slot.stack = traceback.extract_stack()
-        return slot.conn
+        slot.lent_at = now
+        slot.leak_reported = False
+        slot.stack = traceback.extract_stack()
 
     def _still_good(self, slot: _Slot, now: float) -> bool:
         """Check an idle connection without blocking; close it if it is not."""
@@ -357,8 +366,14 @@ class BlockingConnectionPool(redis.ConnectionPool):
             self._counters.wait_time += self._clock() - start
         # Woken by a hand-off, an error, or our timer; a hand-off that raced
         # the timer still wins.
-        if entry.slot is not None:
-            return self._lend(entry.slot, self._clock())
+        slot = entry.slot
+        if slot is not None:
+            self._counters.checkouts += 1
+            if self._leak_threshold is None:
+                slot.holder = _LENT
+            else:
+                self._track(slot, self._clock())
+            return slot.conn
         if entry.error is not None:
             raise entry.error
         entry.cancelled = True
@@ -404,17 +419,20 @@ class BlockingConnectionPool(redis.ConnectionPool):
             return
         now = self._clock()
         raw = slot.raw
+        # close() and disconnect() mark connections in use as expired, so
+        # this one comparison also covers them.
         if (
             raw._greenpool_owed
             or raw._sock is None
             or now >= slot.expires_at
-            or slot.discard
-            or self._closed
             or (self._check_reconnect and connection.should_reconnect())
         ):
             self._retire(slot, now)
-            return
-        self._put(slot, now)
+        elif self._nwaiting:
+            self._put(slot, now)
+        else:  # the hot path, inlined
+            slot.idle_since = now
+            self._idle.append(slot)
 
     def _put(self, slot: _Slot, now: float) -> None:
         """Give a connection nobody holds to the oldest live waiter, or idle."""
@@ -554,9 +572,13 @@ class BlockingConnectionPool(redis.ConnectionPool):
         for slot in idle:
             self._close_slot(slot, "pool_closed")
         if inuse_connections:
-            for slot in self._in_use.values():
-                slot.discard = True
+            self._discard_in_use()
         self._grow()
+
+    def _discard_in_use(self) -> None:
+        for slot in self._in_use.values():
+            slot.discard = True
+            slot.expires_at = float("-inf")
 
     def close(self) -> None:
         """Close the pool: idempotent, and every waiter gets PoolClosed.
@@ -576,6 +598,7 @@ class BlockingConnectionPool(redis.ConnectionPool):
         idle, self._idle = self._idle, []
         for slot in idle:
             self._close_slot(slot, "pool_closed")
+        self._discard_in_use()
         if self._maintenance is not None:
             self._maintenance.stop()
             self._maintenance = None
