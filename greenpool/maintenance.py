@@ -28,7 +28,8 @@ import gevent
 from gevent.hub import Waiter, get_hub
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pool import BlockingConnectionPool, _Slot
+    from ._records import Slot as _Slot
+    from .pool import BlockingConnectionPool
 
 __all__ = ["Plan", "plan", "run_once", "period", "Maintenance", "start"]
 

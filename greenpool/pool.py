@@ -33,11 +33,12 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional
 import gevent
 import redis
 from gevent import getcurrent
-from gevent.hub import Waiter
 from gevent.monkey import get_original
 from redis.connection import parse_url
 
 from . import config, maintenance
+from ._records import Queued, Slot
+from ._redispy import RedisPyPoolMixin
 from ._tracking import tracked_class
 from .errors import PoolClosed, PoolTimeout, TooManyWaiters
 from .stats import Counters, PoolStats
@@ -53,7 +54,7 @@ _POLLIN = 0x001 | 0x008 | 0x010  # POLLIN | POLLERR | POLLHUP
 
 _names = itertools.count(1)
 _UNSET: Any = object()  # "not given": None is a meaningful timeout
-_LENT = "lent"  # Slot.holder of a lent connection when leak detection is off
+LENT = "lent"  # Slot.holder of a lent connection when leak detection is off
 
 #: Dials in flight at once while callers wait. One at a time damps a spike:
 #: connections released meanwhile serve the waiters, and the pool grows only
@@ -63,56 +64,6 @@ _DIAL_CONCURRENCY = 1
 #: Negative jitter on max_lifetime, as a fraction, so connections opened
 #: together are not all replaced together.
 _LIFETIME_JITTER = 0.1
-
-
-class _Slot:
-    """One connection the pool owns, with its bookkeeping."""
-
-    __slots__ = (
-        "conn",
-        "raw",
-        "created_at",
-        "expires_at",
-        "idle_since",
-        "holder",
-        "lent_at",
-        "stack",
-        "leak_reported",
-        "discard",
-    )
-
-    def __init__(self, conn: Any, now: float, expires_at: float) -> None:
-        self.conn = conn
-        # The connection that talks to the socket (redis-py's client-side
-        # cache wraps it in a proxy).
-        self.raw = getattr(conn, "_conn", conn)
-        self.created_at = now
-        self.expires_at = expires_at
-        self.idle_since = now
-        # None while idle or handed to a waiter that has not run yet; _LENT,
-        # or the holder greenlet when leak detection is on, once lent.
-        self.holder: Any = None
-        self.lent_at = now
-        self.stack: Optional[traceback.StackSummary] = None
-        self.leak_reported = False
-        self.discard = False  # close on release (after disconnect())
-
-
-class _Waiter:
-    """A caller queued for a connection."""
-
-    __slots__ = ("waiter", "slot", "error", "cancelled")
-
-    def __init__(self) -> None:
-        self.waiter = Waiter()
-        self.slot: Optional[_Slot] = None
-        self.error: Optional[BaseException] = None
-        self.cancelled = False
-
-    def wake(self) -> None:
-        # Waiter.switch may only run in the hub: schedule it. If the caller
-        # has already woken (its timer fired) the late switch is a no-op.
-        self.waiter.hub.loop.run_callback(self.waiter.switch, None)
 
 
 _POOLS: "weakref.WeakSet[BlockingConnectionPool]" = weakref.WeakSet()
@@ -130,7 +81,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class BlockingConnectionPool(redis.ConnectionPool):
+class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
     """A fair, bounded, kill-safe blocking connection pool for gevent.
 
     A drop-in ``connection_pool=`` for :class:`redis.Redis`. When every
@@ -239,9 +190,9 @@ class BlockingConnectionPool(redis.ConnectionPool):
             self._close_slot(slot, "pool_closed")
 
     def _init_state(self) -> None:
-        self._idle: List[_Slot] = []  # LIFO: the most recently used at the end
-        self._in_use: Dict[Any, _Slot] = {}
-        self._waiters: Deque[_Waiter] = deque()
+        self._idle: List[Slot] = []  # LIFO: the most recently used at the end
+        self._in_use: Dict[Any, Slot] = {}
+        self._waiters: Deque[Queued] = deque()
         self._nwaiting = 0  # live (not cancelled) entries of _waiters
         self._dialling = 0
         self._closed = False
@@ -299,13 +250,13 @@ class BlockingConnectionPool(redis.ConnectionPool):
             self._in_use[slot.conn] = slot
             self._counters.checkouts += 1
             if self._leak_threshold is None:
-                slot.holder = _LENT
+                slot.holder = LENT
             else:
                 self._track(slot, now)
             return slot.conn
         return self._wait()
 
-    def _track(self, slot: _Slot, now: float) -> None:
+    def _track(self, slot: Slot, now: float) -> None:
         # Leak detection only: who holds the connection, since when, and the
         # stack that took it (extract_stack costs some microseconds).
         slot.holder = getcurrent()
@@ -313,7 +264,7 @@ class BlockingConnectionPool(redis.ConnectionPool):
         slot.leak_reported = False
         slot.stack = traceback.extract_stack()
 
-    def _still_good(self, slot: _Slot, now: float) -> bool:
+    def _still_good(self, slot: Slot, now: float) -> bool:
         """Check an idle connection without blocking; close it if it is not."""
         if now >= slot.expires_at:
             self._close_slot(slot, "expired")
@@ -345,7 +296,7 @@ class BlockingConnectionPool(redis.ConnectionPool):
         if timeout == 0 and self._size() >= self.max_connections:
             self._counters.timeouts += 1
             raise PoolTimeout(self._timeout_message())
-        entry = _Waiter()
+        entry = Queued()
         self._waiters.append(entry)
         self._nwaiting += 1
         self._counters.waits += 1
@@ -370,7 +321,7 @@ class BlockingConnectionPool(redis.ConnectionPool):
         if slot is not None:
             self._counters.checkouts += 1
             if self._leak_threshold is None:
-                slot.holder = _LENT
+                slot.holder = LENT
             else:
                 self._track(slot, self._clock())
             return slot.conn
@@ -381,7 +332,7 @@ class BlockingConnectionPool(redis.ConnectionPool):
         self._counters.timeouts += 1
         raise PoolTimeout(self._timeout_message())
 
-    def _abandon(self, entry: _Waiter) -> None:
+    def _abandon(self, entry: Queued) -> None:
         # The waiter was killed or interrupted (GreenletExit, gevent.Timeout,
         # KeyboardInterrupt). If a connection was handed to it at that very
         # instant, pass it on rather than lose the slot.
@@ -434,7 +385,7 @@ class BlockingConnectionPool(redis.ConnectionPool):
             slot.idle_since = now
             self._idle.append(slot)
 
-    def _put(self, slot: _Slot, now: float) -> None:
+    def _put(self, slot: Slot, now: float) -> None:
         """Give a connection nobody holds to the oldest live waiter, or idle."""
         waiters = self._waiters
         while waiters:
@@ -450,7 +401,7 @@ class BlockingConnectionPool(redis.ConnectionPool):
         slot.idle_since = now
         self._idle.append(slot)
 
-    def _retire(self, slot: _Slot, now: float) -> None:
+    def _retire(self, slot: Slot, now: float) -> None:
         raw = slot.raw
         if self._closed or slot.discard:
             reason = "pool_closed"
@@ -465,7 +416,7 @@ class BlockingConnectionPool(redis.ConnectionPool):
         self._close_slot(slot, reason)
         self._grow()
 
-    def _release_unknown(self, connection: Any, slot: Optional[_Slot]) -> None:
+    def _release_unknown(self, connection: Any, slot: Optional[Slot]) -> None:
         self._counters.misuses += 1
         if slot is not None:
             # Handed to a waiter that has not run yet: nobody holds it, so this
@@ -485,15 +436,6 @@ class BlockingConnectionPool(redis.ConnectionPool):
         logger.warning("pool %r ignored a release: %r was %s", self.name, connection, what)
 
     # -- dialling ----------------------------------------------------------
-
-    def make_connection(self) -> Any:
-        """Create a connection object (not yet connected); used by dials."""
-        conn = self._tracked_class(**self.connection_kwargs)
-        if self.cache is not None:
-            from redis.connection import CacheProxyConnection
-
-            conn = CacheProxyConnection(conn, self.cache, self._lock)  # type: ignore[abstract]
-        return conn
 
     def _grow(self) -> None:
         """Start a dial if callers wait that dials in flight will not serve."""
@@ -534,7 +476,7 @@ class BlockingConnectionPool(redis.ConnectionPool):
         self._last_dial_error = None
         now = self._clock()
         expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
-        slot = _Slot(conn, now, expires_at)
+        slot = Slot(conn, now, expires_at)
         if self._closed:
             self._close_slot(slot, "pool_closed")
             return
@@ -554,7 +496,7 @@ class BlockingConnectionPool(redis.ConnectionPool):
 
     # -- closing -----------------------------------------------------------
 
-    def _close_slot(self, slot: _Slot, reason: str) -> None:
+    def _close_slot(self, slot: Slot, reason: str) -> None:
         self._counters.closed[reason] += 1
         try:
             slot.conn.disconnect()
@@ -608,34 +550,6 @@ class BlockingConnectionPool(redis.ConnectionPool):
         """Whether :meth:`close` was called."""
         return self._closed
 
-    def _checkpid(self) -> None:
-        # Fork safety comes from os.register_at_fork (see _forget_parent), so
-        # no getpid() syscall is needed on every checkout.
-        pass
-
-    def owns_connection(self, connection: Any) -> bool:
-        return connection in self._in_use or any(s.conn is connection for s in self._idle)
-
-    # redis-py's client and maintenance notifications call these.
-
-    def _get_free_connections(self) -> List[Any]:
-        return [slot.conn for slot in self._idle]
-
-    def _get_in_use_connections(self) -> set:
-        return set(self._in_use)
-
-    def set_retry(self, retry: Any) -> None:
-        self.connection_kwargs.update({"retry": retry})
-        for conn in self._get_free_connections() + list(self._in_use):
-            conn.retry = retry
-
-    def re_auth_callback(self, token: Any) -> None:
-        # Idle connections re-authenticate when next lent (redis-py checks the
-        # token before each command); sending AUTH here would need I/O inside
-        # the pool's bookkeeping.
-        for conn in self._get_free_connections() + list(self._in_use):
-            conn.set_re_auth_token(token)
-
     # -- observing ---------------------------------------------------------
 
     def stats(self) -> PoolStats:
@@ -663,7 +577,3 @@ class BlockingConnectionPool(redis.ConnectionPool):
             f"size={self._size()}/{self.max_connections} idle={len(self._idle)} "
             f"in_use={len(self._in_use)} dialling={self._dialling} waiting={self._nwaiting}>"
         )
-
-    def __del__(self) -> None:
-        # redis-py's __del__ records metrics about its own lists; ours has none.
-        pass
