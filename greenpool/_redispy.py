@@ -14,7 +14,7 @@ class RedisPyPoolMixin:
     """Methods redis-py calls on a pool, over greenpool's idle and in-use records."""
 
     connection_kwargs: Dict[str, Any]
-    cache: Any
+    cache: Any = None  # redis-py >= 5.1 sets it; 4.6 has no client-side cache
     _lock: Any
     _tracked_class: type
     _idle: List[Any]

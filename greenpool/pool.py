@@ -545,6 +545,12 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
             self._maintenance.stop()
             self._maintenance = None
 
+    def __enter__(self) -> "BlockingConnectionPool":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""

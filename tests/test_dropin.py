@@ -55,6 +55,9 @@ def test_watch_multi_detects_a_conflict(client):
 
 def test_pubsub(client):
     """Subscribe, receive a message, and give the connection back."""
+    kwargs = client.connection_pool.connection_kwargs
+    if redis.VERSION < (6,) and kwargs.get("protocol") == 3 and "parser_class" in kwargs:
+        pytest.skip("redis-py 5's RESP3 Python parser never delivers pub/sub messages, whatever the pool")
     pubsub = client.pubsub()
     pubsub.subscribe("chan")
     assert pubsub.get_message(timeout=1)["type"] == "subscribe"
