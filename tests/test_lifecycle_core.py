@@ -11,7 +11,7 @@ import redis
 from gevent.monkey import get_original
 from pools import check_invariants
 
-from greenpool import BlockingConnectionPool, PoolClosed, PoolStats
+from greenpool import BlockingConnectionPool, ConfigError, PoolClosed, PoolStats
 
 
 def test_close_wakes_waiters_closes_idle_and_is_idempotent(make_pool, redis_server, server_clients):
@@ -149,3 +149,37 @@ def test_use_from_another_os_thread_is_refused(make_pool):
     assert errors and "used from OS thread" in errors[0]
     assert pool.stats().idle == 1
     check_invariants(pool)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_connections": 0}, r"max_connections must be an integer >= 1 \(got 0\)"),
+        ({"max_connections": -3}, r"max_connections must be an integer >= 1 \(got -3\)"),
+        ({"max_connections": True}, r"max_connections must be an integer >= 1 \(got True\)"),
+        ({"max_connections": "5"}, r"max_connections must be an integer >= 1 \(got '5'\)"),
+        ({"timeout": -1}, r"timeout must be a number of seconds >= 0 or None \(got -1\)"),
+        ({"timeout": float("nan")}, r"timeout must be a number of seconds >= 0 or None \(got nan\)"),
+        ({"timeout": float("inf")}, r"timeout must be a number of seconds >= 0 or None \(got inf\)"),
+        ({"timeout": "soon"}, r"timeout must be a number of seconds >= 0 or None \(got 'soon'\)"),
+        ({"min_idle": 6, "max_connections": 5}, r"min_idle must be <= max_connections"),
+    ],
+)
+def test_bad_settings_are_rejected_at_construction(kwargs, message):
+    """Each bad value names the parameter, the expected form and the value received."""
+    with pytest.raises(ConfigError, match=message):
+        BlockingConnectionPool(**kwargs)
+
+
+def test_bad_environment_is_rejected_at_construction(monkeypatch):
+    """A GREENPOOL_* variable applies to a pool built in code, and a bad one names itself."""
+    monkeypatch.setenv("GREENPOOL_MAX_CONNECTIONS", "7")
+    with BlockingConnectionPool() as pool:
+        assert pool.max_connections == 7 and pool.sources["max_connections"] == "environment"
+    with BlockingConnectionPool(max_connections=3) as pool:
+        assert pool.max_connections == 3 and pool.sources["max_connections"] == "argument"
+    monkeypatch.setenv("GREENPOOL_IDLE_TIMEOUT", "5 minutes")
+    with pytest.raises(
+        ConfigError, match=r"GREENPOOL_IDLE_TIMEOUT must be a duration such as 30, 30s or 500ms \(got '5 minutes'\)"
+    ):
+        BlockingConnectionPool()

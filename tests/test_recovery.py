@@ -173,3 +173,16 @@ def test_blackholed_path_is_detected_and_recovered(tcp_proxy):
     assert pool.stats().in_use == 0
     check_invariants(pool)
     pool.close()
+
+
+def test_health_check_interval_pings_before_using_an_older_connection(make_pool, redis_server):
+    """With health_check_interval set, redis-py PINGs a connection idle longer than it."""
+    admin = redis.Redis(host=redis_server.host, port=redis_server.port)
+    pool = make_pool(max_connections=1, health_check_interval=0.05)
+    client = redis.Redis(connection_pool=pool)
+    client.get("k")
+    admin.config_resetstat()
+    client.get("k")  # used a moment ago: no PING
+    gevent.sleep(0.2)
+    client.get("k")  # idle past the interval: PING first
+    assert admin.info("commandstats").get("cmdstat_ping", {}).get("calls") == 1
