@@ -16,6 +16,12 @@ class PoolError(redis.exceptions.ConnectionError):
 
     __module__ = "greenpool"
 
+    def __repr__(self) -> str:
+        # redis-py 8's RedisError.__repr__ drops the message ("network:
+        # PoolTimeout"); logs, locust and pytest show repr, and the message
+        # is the useful part.
+        return f"{type(self).__name__}({str(self)!r})"
+
 
 class PoolTimeout(PoolError):
     """No connection became available within the pool's timeout."""

@@ -183,3 +183,10 @@ def test_bad_environment_is_rejected_at_construction(monkeypatch):
         ConfigError, match=r"GREENPOOL_IDLE_TIMEOUT must be a duration such as 30, 30s or 500ms \(got '5 minutes'\)"
     ):
         BlockingConnectionPool()
+
+
+def test_pool_errors_keep_their_message_in_repr():
+    """repr() of a pool error shows its message (redis-py 8's repr drops it)."""
+    error = PoolClosed("pool 'x' is closed")
+    assert repr(error) == "PoolClosed(\"pool 'x' is closed\")"
+    assert isinstance(error, redis.exceptions.ConnectionError)
