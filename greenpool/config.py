@@ -32,12 +32,12 @@ from . import keepalive
 from .errors import ConfigError
 
 __all__ = [
-    "Setting", "SETTINGS", "SETTINGS_BY_NAME", "Resolved",
-    "validate", "validate_all", "parse", "resolve", "describe", "readme_table",
-    "connection_kwargs",
+    "Setting", "SETTINGS", "SETTINGS_BY_NAME", "TOPOLOGY_SETTINGS", "Resolved",
+    "validate", "validate_all", "parse", "parse_addresses", "resolve", "describe",
+    "readme_table", "connection_kwargs",
 ]
 
-Kind = Literal["int", "duration", "bool", "str", "url"]
+Kind = Literal["int", "duration", "bool", "str", "url", "addresses", "role"]
 Source = Literal["argument", "url", "environment", "default"]
 
 
@@ -73,6 +73,8 @@ class Setting:
             "bool": _BOOL_WORDS if env else "True or False",
             "str": "a non-empty string",
             "url": "a Redis URL (redis://, rediss:// or unix://)",
+            "addresses": _ADDRESSES_FORM,
+            "role": "master or replica",
         }[self.kind].strip()
         if self.allow_none:
             text += " or none" if env else " or None"
@@ -144,6 +146,21 @@ SETTINGS_BY_NAME: Mapping[str, Setting] = types.MappingProxyType(
     {s.name: s for s in SETTINGS}
 )
 
+#: Where the servers are, for :mod:`greenpool.sentinel` and
+#: :mod:`greenpool.cluster`. No pool takes these; the same rules read them
+#: from the environment and the README's table lists them with the rest.
+TOPOLOGY_SETTINGS: tuple[Setting, ...] = (
+    _s("sentinels", "addresses", None, "Sentinel only: the sentinels to ask for the "
+       "master, as host:port pairs separated by commas."),
+    _s("sentinel_service", "str", None, "Sentinel only: the service name the "
+       "sentinels monitor (sentinel monitor <name> ...)."),
+    _s("sentinel_role", "role", "master", "Sentinel only: master for a read-write "
+       "client of the master, replica for a read-only client rotating over the "
+       "replicas."),
+    _s("cluster_nodes", "addresses", None, "Cluster only: startup nodes as host:port "
+       "pairs separated by commas; GREENPOOL_URL may name one instead."),
+)
+
 # Settings that redis-py's connection takes as they are.
 _FOR_REDIS = ("health_check_interval", "socket_timeout", "socket_connect_timeout",
               "client_name")
@@ -158,6 +175,8 @@ _INT_RE = re.compile(r"[0-9]+")
 _DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h)?", re.I)
 _UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
+_ADDRESS_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:,\[\]]+)):(?P<port>[0-9]+)")
+_ADDRESSES_FORM = "a comma-separated list of host:port such as 127.0.0.1:26379,127.0.0.1:26380"
 _INVALID = object()
 
 
@@ -175,9 +194,30 @@ def _fail(where: str, expected: str, got: Any) -> ConfigError:
 def _setting(setting: Setting | str) -> Setting:
     if isinstance(setting, Setting):
         return setting
-    if setting not in SETTINGS_BY_NAME:
-        raise ConfigError(f"unknown setting {setting!r}")
-    return SETTINGS_BY_NAME[setting]
+    for known in SETTINGS + TOPOLOGY_SETTINGS:
+        if known.name == setting:
+            return known
+    raise ConfigError(f"unknown setting {setting!r}")
+
+
+def parse_addresses(text: str, *, where: str, form: str = _ADDRESSES_FORM) -> list[tuple[str, int]]:
+    """Parse ``host:port,host:port`` (IPv6 as ``[::1]:26379``), strictly.
+
+    Blanks around items are ignored; an empty list, an empty item, a missing
+    or out-of-range port is an error.
+
+    :param where: the variable or parameter to name in errors.
+    :raises ConfigError: e.g. ``GREENPOOL_SENTINELS must be a comma-separated
+        list of host:port such as ... (got '127.0.0.1')``.
+    """
+    addresses = []
+    for item in text.split(","):
+        match = _ADDRESS_RE.fullmatch(item.strip())
+        port = int(match.group("port")) if match else 0
+        if not match or not 0 < port < 65536:
+            raise ConfigError(f"{where} must be {form} (got {text!r})")
+        addresses.append((match.group("v6") or match.group("host"), port))
+    return addresses
 
 
 def _from_python(kind: Kind, value: Any) -> Any:
@@ -263,10 +303,11 @@ def validate_all(options: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _from_text(setting: Setting, text: str, where: str) -> Any:
+def _from_text(setting: Setting, text: str, where: str, shown: str) -> Any:
+    # text is stripped; errors show what the user wrote (shown).
     if setting.kind == "int":
         if not _INT_RE.fullmatch(text):
-            raise _fail(where, setting.expected(env=True), text)
+            raise _fail(where, setting.expected(env=True), shown)
         return int(text)
     if setting.kind == "duration":
         match = _DURATION_RE.fullmatch(text)
@@ -275,15 +316,21 @@ def _from_text(setting: Setting, text: str, where: str) -> Any:
             unit = _UNITS[(match.group(2) or "s").lower()]
             seconds = float(Decimal(match.group(1)) * unit)
         if not math.isfinite(seconds):  # also catches 400 digits overflowing
-            raise _fail(where, _DURATION_FORM, text)
+            raise _fail(where, _DURATION_FORM, shown)
         return seconds
     if setting.kind == "bool":
         if text.lower() not in _TRUE | _FALSE:
-            raise _fail(where, _BOOL_WORDS, text)
+            raise _fail(where, _BOOL_WORDS, shown)
         return text.lower() in _TRUE
+    if setting.kind == "addresses":
+        return parse_addresses(text, where=where)
+    if setting.kind == "role":
+        if text.lower() not in ("master", "replica"):
+            raise _fail(where, setting.expected(env=True), shown)
+        return text.lower()
     value = _from_python(setting.kind, text)
     if value is _INVALID:
-        raise _fail(where, setting.expected(env=True), text)
+        raise _fail(where, setting.expected(env=True), shown)
     return value
 
 
@@ -303,7 +350,7 @@ def parse(setting: Setting | str, text: str, *, where: str) -> Any:
     stripped = text.strip()
     if setting.allow_none and stripped.lower() == "none":
         return None
-    value = _from_text(setting, stripped, where)
+    value = _from_text(setting, stripped, where, text)
     if not _in_bounds(setting, value):
         raise _fail(where, setting.expected(env=True), text)
     return value
@@ -386,7 +433,7 @@ def resolve(
     if not prefix:
         raise ValueError("prefix must not be empty")
     environ = os.environ if environ is None else environ
-    known = {prefix + name for name in (*(s.env for s in SETTINGS), *_NOT_SETTINGS)}
+    known = {prefix + name for name in (*(s.env for s in SETTINGS + TOPOLOGY_SETTINGS), *_NOT_SETTINGS)}
     _check_variables(environ, prefix, known | set(ignore))
     explicit = dict(overrides or {}, **({} if url is None else {"url": url}))
 
@@ -455,7 +502,7 @@ def _default_text(setting: Setting) -> str:
 def describe(prefix: str = "GREENPOOL_") -> list[tuple[str, str, str, str]]:
     """Return one row per setting: (variable, keyword, default, description)."""
     return [(prefix + s.env, s.name, _default_text(s), s.description)
-            for s in SETTINGS]
+            for s in SETTINGS + TOPOLOGY_SETTINGS]
 
 
 def readme_table() -> str:

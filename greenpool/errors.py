@@ -23,8 +23,12 @@ class PoolError(redis.exceptions.ConnectionError):
         return f"{type(self).__name__}({str(self)!r})"
 
 
-class PoolTimeout(PoolError):
-    """No connection became available within the pool's timeout."""
+class PoolTimeout(PoolError, redis.exceptions.MaxConnectionsError):
+    """No connection became available within the pool's timeout.
+
+    Also a :class:`redis.exceptions.MaxConnectionsError`: exhaustion, not a
+    broken server (redis-py's cluster client tells the two apart).
+    """
 
     __module__ = "greenpool"
 
@@ -35,7 +39,7 @@ class PoolClosed(PoolError):
     __module__ = "greenpool"
 
 
-class TooManyWaiters(PoolError):
+class TooManyWaiters(PoolError, redis.exceptions.MaxConnectionsError):
     """The caller would exceed the pool's limit on waiting callers."""
 
     __module__ = "greenpool"

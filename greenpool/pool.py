@@ -212,7 +212,11 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         self._init_state()
         self._closed = closed
         self._orphans = orphans
-        self._maintenance = None
+        if self._maintenance is not None:
+            # The parent's maintenance greenlet was copied too: if it ever
+            # wakes here it must exit. (No hub calls inside a fork handler.)
+            self._maintenance._stopped = True
+            self._maintenance = None
 
     def _size(self) -> int:
         return len(self._idle) + len(self._in_use) + self._dialling
@@ -377,6 +381,7 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
             or raw._sock is None
             or now >= slot.expires_at
             or (self._check_reconnect and connection.should_reconnect())
+            or (self._custom_retire and self.retire_on_release(connection))
         ):
             self._retire(slot, now)
         elif self._nwaiting:
@@ -411,10 +416,26 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
             reason = "broken"
         elif now >= slot.expires_at:
             reason = "expired"
+        elif self._custom_retire and self.retire_on_release(slot.conn):
+            reason = "stale"
         else:
             reason = "reconnect"
         self._close_slot(slot, reason)
         self._grow()
+
+    #: Subclasses that close connections on release for reasons of their own
+    #: set this and override :meth:`retire_on_release`; others pay one
+    #: attribute test on the hot path.
+    _custom_retire = False
+
+    def retire_on_release(self, connection: Any) -> bool:
+        """Whether to close *connection* as it comes back (reason ``stale``).
+
+        Called on release only when ``_custom_retire`` is true; it must not
+        do I/O or yield. :mod:`greenpool.sentinel` closes connections to a
+        former master this way.
+        """
+        return False
 
     def _release_unknown(self, connection: Any, slot: Optional[Slot]) -> None:
         self._counters.misuses += 1

@@ -22,6 +22,7 @@ CLOSE_REASONS = (
     "failed_check",  # dead or unexpected data at the checkout readiness check
     "pool_closed",  # the pool was closed, or disconnect() was called
     "reconnect",  # redis-py asked for a reconnect (maintenance notifications)
+    "stale",  # a subclass's reason: Sentinel closes connections to a former master
 )
 
 

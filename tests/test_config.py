@@ -493,7 +493,7 @@ def test_connection_kwargs_keepalive_off_and_unix() -> None:
 def test_describe_rows() -> None:
     """describe() gives variable, keyword, default text and description per setting."""
     rows = config.describe()
-    assert [row[1] for row in rows] == [s.name for s in SETTINGS]
+    assert [row[1] for row in rows] == [s.name for s in SETTINGS + config.TOPOLOGY_SETTINGS]
     by_name = {row[1]: row for row in rows}
     assert by_name["max_connections"] == (
         "GREENPOOL_MAX_CONNECTIONS", "max_connections", "50",
@@ -515,8 +515,8 @@ def test_readme_table_lists_every_setting() -> None:
     table = config.readme_table()
     assert table.startswith(".. list-table::\n   :header-rows: 1\n")
     variables = re.findall(r"^   \* - ``(\w+)``$", table, flags=re.M)
-    assert variables == [f"GREENPOOL_{s.env}" for s in SETTINGS]
-    for setting in SETTINGS:
+    assert variables == [f"GREENPOOL_{s.env}" for s in SETTINGS + config.TOPOLOGY_SETTINGS]
+    for setting in SETTINGS + config.TOPOLOGY_SETTINGS:
         assert f"     - {setting.description}\n" in table
 
 
@@ -527,3 +527,39 @@ def test_readme_contains_generated_table() -> None:
     between = text.split(START, 1)[1].split(END, 1)[0]
     assert between.strip() == config.readme_table().strip(), (
         "README.rst's settings table is stale: paste greenpool.config.readme_table()")
+
+
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        ("sentinels", "127.0.0.1:26379, [::1]:26380", [("127.0.0.1", 26379), ("::1", 26380)]),
+        ("sentinel_role", "Replica", "replica"),
+        ("cluster_nodes", "h:7000", [("h", 7000)]),
+    ],
+)
+def test_topology_settings_parse(name: str, text: str, expected: Any) -> None:
+    """Sentinel and cluster variables parse strictly, as the pool's do."""
+    assert config.parse(name, text, where="X") == expected
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("sentinels", "127.0.0.1", "X must be a comma-separated list of host:port such as "
+         "127.0.0.1:26379,127.0.0.1:26380 (got '127.0.0.1')"),
+        ("sentinels", "h:70000", "X must be a comma-separated list of host:port such as "
+         "127.0.0.1:26379,127.0.0.1:26380 (got 'h:70000')"),
+        ("sentinel_role", "primary", "X must be master or replica (got 'primary')"),
+    ],
+)
+def test_topology_settings_reject(name: str, text: str, message: str) -> None:
+    """A malformed address list or role names the variable and the value."""
+    with raises(message):
+        config.parse(name, text, where="X")
+
+
+def test_topology_variables_are_known() -> None:
+    """GREENPOOL_SENTINELS and friends are not reported as unknown variables."""
+    environ = {"GREENPOOL_SENTINELS": "h:1", "GREENPOOL_SENTINEL_SERVICE": "s",
+               "GREENPOOL_SENTINEL_ROLE": "master", "GREENPOOL_CLUSTER_NODES": "h:2"}
+    assert config.resolve(environ).sources["max_connections"] == "default"
