@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, List, Optional
 
 import gevent
+import redis
 from gevent.hub import Waiter, get_hub
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,6 +35,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Plan", "plan", "run_once", "period", "Maintenance", "start"]
 
 logger = logging.getLogger("greenpool")
+
+#: Seconds a keepalive PING may wait for its reply.
+_PING_TIMEOUT = 5.0
 
 #: Bounds on the time between two maintenance runs, in seconds.
 _MIN_PERIOD = 0.05
@@ -122,17 +126,26 @@ def _ping(pool: "BlockingConnectionPool", slot: "_Slot") -> None:
     idle_since = slot.idle_since
     pool._in_use[slot.conn] = slot
     slot.holder = gevent.getcurrent()
+    # Our own bound, so a silent peer cannot stall maintenance for ever (the
+    # connection may have no socket_timeout); redis-py closes the connection
+    # when the Timeout interrupts the read.
+    timeout = gevent.Timeout(_PING_TIMEOUT, redis.exceptions.TimeoutError(
+        f"keepalive PING got no reply within {_PING_TIMEOUT:g} s"))
+    timeout.start()
     try:
         slot.conn.send_command("PING", check_health=False)
         slot.conn.read_response()
     except Exception as exc:  # redis-py disconnected it; release retires it
         logger.info("pool %r: keepalive PING failed, closing the connection: %s", pool.name, exc)
-    slot.lent_at = pool._clock()
-    pool.release(slot.conn)
+    finally:
+        # Even if this greenlet is killed mid-PING: the slot goes back.
+        timeout.close()
+        slot.lent_at = pool._clock()
+        pool.release(slot.conn)
+        pool._counters.pings += 1
     if slot in pool._idle:
         # A keepalive ping is not a use: it must not defer idle reaping.
         slot.idle_since = idle_since
-    pool._counters.pings += 1
 
 
 def _report_leak(pool: "BlockingConnectionPool", slot: "_Slot", now: float) -> None:

@@ -20,6 +20,7 @@ pools let it barge in and starve them).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -64,6 +65,16 @@ _DIAL_CONCURRENCY = 1
 #: Negative jitter on max_lifetime, as a fraction, so connections opened
 #: together are not all replaced together.
 _LIFETIME_JITTER = 0.1
+
+
+class _DialTicket:
+    """One dial's claim on a slot, settled exactly once (see _settle)."""
+
+    __slots__ = ("generation", "settled")
+
+    def __init__(self, generation: object) -> None:
+        self.generation = generation
+        self.settled = False
 
 
 _POOLS: "weakref.WeakSet[BlockingConnectionPool]" = weakref.WeakSet()
@@ -135,6 +146,7 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         lifetime = options["max_lifetime"]
         self._max_lifetime: float = float("inf") if lifetime is None else lifetime
         self._leak_threshold: Optional[float] = options["leak_detection_threshold"]
+        self._dial_timeout: Optional[float] = options["socket_connect_timeout"]
         # timeout=0 callers never wait for a busy connection, so nothing
         # damps their dials: each gets its own.
         self._dial_limit = _DIAL_CONCURRENCY if self.timeout != 0 else self.max_connections
@@ -183,11 +195,15 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
     # -- state -------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget every connection and start afresh (idle ones are closed)."""
-        old_idle = getattr(self, "_idle", [])
-        self._init_state()
-        for slot in old_idle:
-            self._close_slot(slot, "pool_closed")
+        """Replace every connection: idle ones close now, those in use when
+        released; waiters keep waiting and get new connections.
+
+        (redis-py's constructor calls this first, to build the state.)
+        """
+        if not hasattr(self, "_idle"):
+            self._init_state()
+        else:
+            self.disconnect(inuse_connections=True)
 
     def _init_state(self) -> None:
         self._idle: List[Slot] = []  # LIFO: the most recently used at the end
@@ -304,7 +320,11 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         self._waiters.append(entry)
         self._nwaiting += 1
         self._counters.waits += 1
-        self._grow()
+        # Nothing is idle while callers wait, so the pool can grow only if
+        # in-use and dialling connections leave room: under contention it
+        # cannot, and this test spares the call.
+        if self._dialling < self._dial_limit and len(self._in_use) + self._dialling < self.max_connections:
+            self._grow()
         timer = None
         if timeout:
             timer = entry.waiter.hub.loop.timer(timeout)
@@ -342,8 +362,10 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         # instant, pass it on rather than lose the slot.
         if entry.slot is not None:
             slot, entry.slot = entry.slot, None
-            del self._in_use[slot.conn]
-            self._put(slot, self._clock())
+            # Give it back as its holder would: release() also decides
+            # whether it must close (the pool was closed meanwhile, say).
+            slot.holder = LENT
+            self.release(slot.conn)
         elif entry.error is None and not entry.cancelled:
             entry.cancelled = True
             self._nwaiting -= 1
@@ -352,7 +374,7 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         message = (
             f"no connection from pool {self.name!r} within {self.timeout:.2f} s "
             f"(max_connections={self.max_connections}, {len(self._in_use)} in use, "
-            f"{self._nwaiting} waiting)"
+            f"{self._dialling} dialling, {self._nwaiting} waiting)"
         )
         if self._last_dial_error is not None and self._size() < self.max_connections:
             message += f"; last connection error: {self._last_dial_error}"
@@ -472,15 +494,39 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         self._dialling += 1
         if self._maintenance is None:
             self._maintenance = maintenance.start(self)
-        gevent.spawn(self._dial, self._generation).name = f"{self.name}-dial"
+        ticket = _DialTicket(self._generation)
+        dial = gevent.spawn(self._dial, ticket)
+        dial.name = f"{self.name}-dial"
+        # A dial killed before it ever ran (gevent.killall at shutdown) skips
+        # _dial's own bookkeeping: this link gives its slot back.
+        dial.rawlink(functools.partial(self._dial_ended, ticket))
 
-    def _dial(self, generation: object) -> None:
+    def _settle(self, ticket: "_DialTicket") -> bool:
+        """Count a dial as finished, once; False if it belongs to a past generation."""
+        if ticket.settled or ticket.generation is not self._generation:
+            ticket.settled = True
+            return False
+        ticket.settled = True
+        self._dialling -= 1
+        return True
+
+    def _dial_ended(self, ticket: "_DialTicket", _dial: Any) -> None:
+        if self._settle(ticket):
+            self._grow()
+
+    def _dial(self, ticket: "_DialTicket") -> None:
+        conn = None
         try:
             conn = self.make_connection()
-            conn.connect()
+            # Bound the whole dial, TCP connect and handshake: a server that
+            # accepts but never answers would otherwise hold the pool's only
+            # dial, and with it all growth, for ever.
+            with gevent.Timeout(self._dial_timeout, self._dial_timeout_error()):
+                conn.connect()
         except BaseException as exc:
-            if generation is self._generation:
-                self._dialling -= 1
+            if conn is not None:
+                conn.disconnect()  # a handshake cut short leaves its socket open
+            if self._settle(ticket):
                 self._counters.dial_errors += 1
                 self._last_dial_error = exc
                 logger.debug("pool %r failed to open a connection: %s", self.name, exc)
@@ -489,10 +535,9 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
             if not isinstance(exc, Exception):
                 raise
             return
-        if generation is not self._generation:
+        if not self._settle(ticket):
             conn.disconnect()
             return
-        self._dialling -= 1
         self._counters.created += 1
         self._last_dial_error = None
         now = self._clock()
@@ -503,6 +548,14 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
             return
         self._put(slot, now)
         self._grow()
+
+    def _dial_timeout_error(self) -> Optional[BaseException]:
+        if self._dial_timeout is None:
+            return None
+        return redis.exceptions.TimeoutError(
+            f"pool {self.name!r} could not open a connection to {self._target()} within "
+            f"{self._dial_timeout:.2f} s (socket_connect_timeout)"
+        )
 
     def _deliver_error(self, exc: BaseException) -> None:
         # The oldest waiter learns why the pool could not grow, at once,
@@ -531,6 +584,8 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         other callers; under gevent that would pull a socket from under a
         greenlet mid-command, so greenpool defers them to their release.)
         """
+        if _thread_ident() != self._thread:
+            self._adopt_thread()
         idle, self._idle = self._idle, []
         for slot in idle:
             self._close_slot(slot, "pool_closed")
@@ -551,6 +606,8 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         """
         if self._closed:
             return
+        if _thread_ident() != self._thread:
+            self._adopt_thread()
         self._closed = True
         waiters, self._waiters = self._waiters, deque()
         self._nwaiting = 0

@@ -160,7 +160,7 @@ def test_pool_timeout_is_a_503_not_a_500(served, monkeypatch):
     assert response.headers["Retry-After"] == "1"
     assert response.text == (
         f"Redis is busy: no connection from pool 'app-{os.getpid()}' within 0.05 s "
-        "(max_connections=1, 1 in use, 0 waiting)\n"
+        "(max_connections=1, 1 in use, 0 dialling, 0 waiting)\n"
     )
     holder.kill()  # interrupted mid-hold, it still gives the connection back
     assert pool.stats().in_use == 0

@@ -6,11 +6,15 @@ import re
 import time
 
 import gevent
+import greenlet
 import pytest
 import redis
+from gevent.monkey import get_original
 from pools import check_invariants, stop_watching, watch_invariants
 
-from greenpool import PoolTimeout
+from greenpool import PoolTimeout, TooManyWaiters
+
+real_sleep = get_original("time", "sleep")
 
 
 def test_timeout_raises_pool_timeout_naming_the_state(make_pool):
@@ -27,7 +31,7 @@ def test_timeout_raises_pool_timeout_naming_the_state(make_pool):
     assert 0.15 <= elapsed < 2
     assert isinstance(info.value, redis.exceptions.ConnectionError)
     assert re.fullmatch(
-        r"no connection from pool 'cache' within 0\.20 s \(max_connections=2, 2 in use, 1 waiting\)",
+        r"no connection from pool 'cache' within 0\.20 s \(max_connections=2, 2 in use, 0 dialling, 1 waiting\)",
         str(info.value),
     )
     stats = pool.stats()
@@ -61,16 +65,65 @@ def test_timeout_none_waits_until_a_release(make_pool):
 
 
 def test_waiting_never_blocks_the_hub(make_pool):
-    """Other greenlets keep running while a caller waits for a connection."""
+    """Other greenlets keep running while a caller waits (ticks counted when it gives up)."""
     pool = make_pool(max_connections=1, timeout=0.3)
     held = pool.get_connection()
     ticks = []
-    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(10)])
+    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(100)])
+    gevent.sleep(0)
     with pytest.raises(PoolTimeout):
         pool.get_connection()
-    ticker.join()
-    assert len(ticks) == 10
+    during = len(ticks)
+    ticker.kill()
+    assert during >= 10, during
     pool.release(held)
+
+
+def test_timeout_zero_answers_without_yielding(make_pool):
+    """timeout=0 on a full pool raises at once: no switch to the hub, no wait counted."""
+    pool = make_pool(max_connections=1, timeout=0)
+    held = pool.get_connection()
+    waits = pool.stats().waits
+    switches = []
+    old = greenlet.settrace(lambda event, args: switches.append(event))
+    try:
+        with pytest.raises(PoolTimeout):
+            pool.get_connection()
+    finally:
+        greenlet.settrace(old)
+    assert switches == [] and pool.stats().waits == waits
+    pool.release(held)
+
+
+def test_max_waiters_bounds_the_queue(make_pool):
+    """One caller more than max_waiters gets TooManyWaiters at once, naming the limits."""
+    pool = make_pool(max_connections=1, timeout=5, max_waiters=1, name="q")
+    held = pool.get_connection()
+    waiter = gevent.spawn(pool.get_connection)
+    gevent.sleep(0)
+    with pytest.raises(
+        TooManyWaiters,
+        match=r"pool 'q' already has 1 callers waiting \(max_waiters=1, max_connections=1\)",
+    ):
+        pool.get_connection()
+    pool.release(held)
+    assert waiter.get(timeout=2) is held
+    pool.release(held)
+    check_invariants(pool)
+
+
+def test_hand_off_that_races_the_timer_loses_no_slot(make_pool):
+    """A release in the same turn of the loop as the waiter's timer: the waiter gets it."""
+    pool = make_pool(max_connections=1, timeout=0.05)
+    held = pool.get_connection()
+    waiter = gevent.spawn(pool.get_connection)
+    gevent.sleep(0)
+    real_sleep(0.1)  # the timer is due, but the loop has not run it yet
+    pool.release(held)  # the hand-off, in the same turn
+    assert waiter.get(timeout=2) is held
+    pool.release(held)
+    assert pool.stats().in_use == 0 and pool.stats().timeouts == 0
+    check_invariants(pool)
 
 
 def test_released_connection_goes_to_the_oldest_waiter(make_pool):

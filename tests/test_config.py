@@ -32,7 +32,7 @@ DEFAULTS = {
     "socket_keepalive": True, "keepalive_idle": 30.0, "keepalive_interval": 5.0,
     "keepalive_count": 3, "tcp_user_timeout": None,
     "keepalive_ping_interval": None, "leak_detection_threshold": None,
-    "socket_timeout": None, "socket_connect_timeout": None, "client_name": None,
+    "socket_timeout": None, "socket_connect_timeout": 10.0, "client_name": None,
 }
 
 
@@ -471,7 +471,7 @@ def test_connection_kwargs_tcp() -> None:
     kwargs = config.connection_kwargs(options, redis.SSLConnection)
     assert kwargs == {
         "health_check_interval": 0.0, "socket_timeout": 2.0,
-        "socket_connect_timeout": None, "client_name": None, "socket_keepalive": True,
+        "socket_connect_timeout": 10.0, "client_name": None, "socket_keepalive": True,
         "socket_keepalive_options": keepalive.socket_options(
             idle=30, interval=5, count=3, user_timeout=4),
     }

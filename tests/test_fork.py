@@ -85,3 +85,46 @@ def test_pool_built_before_patching_stays_bounded_in_the_forked_child(subprocess
     assert report["peak"] <= 3
     # The parent's preload connection stays open in the parent: at most 3 + 1.
     assert 1 <= report["server_peak"] <= 4
+
+
+CHILD_HOUSEKEEPING = """
+from gevent import monkey; monkey.patch_all()
+import json, os, gevent, redis
+from greenpool import BlockingConnectionPool
+pool = BlockingConnectionPool(max_connections=2, timeout=5, host="127.0.0.1", port={port},
+                              idle_timeout=0.2)
+client = redis.Redis(connection_pool=pool)
+held = pool.get_connection()
+client.set("k", "1")
+inherited = pool._get_free_connections()[0]
+parent_greenlet = pool._maintenance.greenlet
+pid = os.fork()
+if pid == 0:
+    pool.release(held)  # checked out before the fork, released in the child
+    report = {{"prefork_release_closed": held._sock is None}}
+    client.incr("n")
+    report["new_maintenance"] = pool._maintenance.greenlet is not parent_greenlet
+    gevent.sleep(0.6)
+    report["reaped"] = pool.stats().idle == 0
+    report["inherited_fd_closed"] = inherited._sock is None
+    print(json.dumps(report), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+held.send_command("PING")  # the child closed only its copy of the fd
+print(json.dumps({{"parent_ping": held.read_response().decode()}}))
+pool.release(held)
+"""
+
+
+def test_child_runs_its_own_maintenance_and_closes_inherited_fds(subprocess_python, redis_server):
+    """In the child: a new maintenance greenlet, inherited fds closed, pre-fork releases closed."""
+    result = subprocess_python(CHILD_HOUSEKEEPING.format(port=redis_server.port))
+    assert result.returncode == 0, result.stderr
+    child, parent = (json.loads(line) for line in result.stdout.splitlines())
+    assert child == {
+        "prefork_release_closed": True,
+        "new_maintenance": True,
+        "reaped": True,
+        "inherited_fd_closed": True,
+    }
+    assert parent == {"parent_ping": "PONG"}

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import greenlet
 import pytest
 import redis
@@ -143,3 +148,77 @@ def test_recent_connection_checkout_makes_no_syscall_and_no_switch(make_pool, mo
     now[0] += 10  # older than the validation window: one readiness check
     pool.release(pool.get_connection())
     assert len(polls) == 1
+
+
+def test_old_idle_connection_is_polled_not_pinged(make_pool, redis_server):
+    """Without health_check_interval the readiness check sends nothing to the server."""
+    now = [100.0]
+    pool = make_pool(max_connections=1, timeout=1, clock=lambda: now[0])
+    admin = redis.Redis(host=redis_server.host, port=redis_server.port)
+    pool.release(pool.get_connection())
+    admin.config_resetstat()
+    for _ in range(3):
+        now[0] += 10
+        pool.release(pool.get_connection())
+    assert "cmdstat_ping" not in admin.info("commandstats")
+
+
+def test_readiness_check_does_not_switch_to_the_hub(make_pool):
+    """Checking an old idle connection is a zero-timeout poll of the real fd, no hub round trip."""
+    now = [100.0]
+    pool = make_pool(max_connections=1, timeout=1, clock=lambda: now[0])
+    pool.release(pool.get_connection())
+    now[0] += 10
+    switches = []
+    old = greenlet.settrace(lambda event, args: switches.append(event))
+    try:
+        conn = pool.get_connection()
+    finally:
+        greenlet.settrace(old)
+    pool.release(conn)
+    assert switches == []
+
+
+def test_connection_marked_for_reconnect_is_closed_on_release(make_pool):
+    """redis-py 8's should_reconnect() (maintenance notifications) closes the connection on release."""
+    pool = make_pool(max_connections=1, protocol=3)
+    conn = pool.get_connection()
+    if not hasattr(conn, "mark_for_reconnect"):
+        pytest.skip("redis-py before 7 has no maintenance notifications")
+    conn.mark_for_reconnect()
+    pool.release(conn)
+    assert pool.stats().closed["reconnect"] == 1
+
+
+HOT_LOOP = """
+import sys
+from greenpool import BlockingConnectionPool
+pool = BlockingConnectionPool(max_connections=1, host="127.0.0.1", port={port})
+pool.release(pool.get_connection())
+n = int(sys.argv[1])
+sys.stdout.write("MARK\\n"); sys.stdout.flush()
+for _ in range(n):
+    pool.release(pool.get_connection())
+sys.stdout.write("MARK\\n"); sys.stdout.flush()
+"""
+
+
+def test_hot_path_makes_no_system_call(redis_server):
+    """strace: 20,000 checkouts of a recent connection make no more syscalls than 2,000."""
+    if not shutil.which("strace"):
+        pytest.skip("needs strace")
+    counts = []
+    for n in (2000, 20000):
+        out = subprocess.run(
+            ["strace", "-f", "-qq", "-e", "signal=none", sys.executable, "-c",
+             HOT_LOOP.format(port=redis_server.port), str(n)],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        )
+        if "PTRACE_TRACEME" in out.stderr or "Operation not permitted" in out.stderr:
+            pytest.skip("ptrace is not permitted here")
+        lines = out.stderr.splitlines()
+        marks = [i for i, line in enumerate(lines) if "MARK" in line and "write(1" in line]
+        assert len(marks) == 2, out.stderr[-2000:]
+        counts.append(marks[1] - marks[0] - 1)
+    assert counts[1] - counts[0] < 50, counts

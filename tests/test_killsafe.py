@@ -3,7 +3,9 @@ and never return a connection with an unread reply."""
 
 from __future__ import annotations
 
+import gc
 import random
+import time
 
 import gevent
 import pytest
@@ -171,3 +173,69 @@ def test_chaos_kills_and_timeouts_never_cross_replies(make_pool):
     assert len(ok) > 1000
     assert pool.stats().in_use == 0 and pool.stats().waiting == 0
     checkout_all(pool)
+
+
+def dial_greenlets(pool: BlockingConnectionPool) -> list:
+    """The pool's dial greenlets still alive (they are named after the pool)."""
+    name = f"{pool.name}-dial"
+    return [g for g in gc.get_objects() if isinstance(g, gevent.Greenlet) and g.name == name and not g.dead]
+
+
+def test_dial_killed_before_it_ran_frees_its_slot(make_pool):
+    """A dial greenlet killed before it ever ran (gevent.killall at shutdown) frees its slot."""
+    pool = make_pool(max_connections=1, timeout=1)
+    pool._start_dial()  # what a waiting caller triggers; no yield since
+    dials = dial_greenlets(pool)
+    assert len(dials) == 1 and dials[0].gr_frame is None  # scheduled, never ran
+    gevent.killall(dials)
+    gevent.sleep(0)  # the greenlet's links run in the next turn of the loop
+    assert pool.stats().dialling == 0 and pool.stats().size == 0, repr(pool)
+    checkout_all(pool)
+
+
+def test_dial_killed_inside_connect_frees_its_slot(make_pool):
+    """A dial killed while it connects frees its slot and leaves no socket behind."""
+    pool = make_pool(max_connections=1, timeout=1)
+    caller = gevent.spawn(pool.get_connection)
+    dials = []
+    for _ in range(10):  # the caller waits; its dial starts and blocks in connect()
+        gevent.sleep(0)
+        dials = dial_greenlets(pool)
+        if dials and dials[0].gr_frame is not None:
+            break
+    assert len(dials) == 1 and dials[0].gr_frame is not None and pool.stats().dialling == 1
+    gevent.killall(dials)
+    caller.kill()
+    gevent.sleep(0)
+    assert pool.stats().dialling == 0 and pool.stats().size == 0, repr(pool)
+    checkout_all(pool)
+
+
+def test_hung_dial_is_bounded_by_socket_connect_timeout(tcp_proxy):
+    """A server that accepts but never answers holds the dial only socket_connect_timeout long."""
+    pool = BlockingConnectionPool(
+        max_connections=2, timeout=2, host="127.0.0.1", port=tcp_proxy.port, socket_connect_timeout=0.3
+    )
+    tcp_proxy.blackhole()
+    start = time.monotonic()
+    with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.30 s \(socket_connect_timeout\)"):
+        pool.get_connection()
+    assert time.monotonic() - start < 1.5
+    assert pool.stats().dialling == 0 and pool.stats().size == 0
+    tcp_proxy.restore()
+    conn = pool.get_connection()  # the path is back: the next dial succeeds
+    pool.release(conn)
+    checkout_all(pool)
+    pool.close()
+
+
+def test_timeout_zero_waits_no_longer_than_a_dial(tcp_proxy):
+    """timeout=0 waits only for the dial it started, which socket_connect_timeout bounds."""
+    pool = BlockingConnectionPool(
+        max_connections=1, timeout=0, host="127.0.0.1", port=tcp_proxy.port, socket_connect_timeout=0.2
+    )
+    tcp_proxy.blackhole()
+    caller = gevent.spawn(pool.get_connection)
+    caller.join(timeout=2)
+    assert caller.ready() and isinstance(caller.exception, redis.exceptions.TimeoutError)
+    pool.close()

@@ -132,21 +132,8 @@ def test_use_from_another_os_thread_is_refused(make_pool):
     """A real OS thread (another hub) gets a clear error and the state is untouched."""
     pool = make_pool(max_connections=1, timeout=1)
     pool.release(pool.get_connection())
-    errors = []
-
-    def other_thread() -> None:
-        try:
-            pool.get_connection()
-        except RuntimeError as exc:
-            errors.append(str(exc))
-
-    start_thread = get_original("_thread", "start_new_thread")
-    lock = get_original("_thread", "allocate_lock")()
-    lock.acquire()
-    start_thread(lambda: (other_thread(), lock.release()), ())
-    while not lock.acquire(False):
-        gevent.sleep(0.01)
-    assert errors and "used from OS thread" in errors[0]
+    result = run_in_os_thread(pool.get_connection)
+    assert isinstance(result, RuntimeError) and "used from OS thread" in str(result)
     assert pool.stats().idle == 1
     check_invariants(pool)
 
@@ -190,3 +177,106 @@ def test_pool_errors_keep_their_message_in_repr():
     error = PoolClosed("pool 'x' is closed")
     assert repr(error) == "PoolClosed(\"pool 'x' is closed\")"
     assert isinstance(error, redis.exceptions.ConnectionError)
+
+
+def test_close_closes_idle_sockets(make_pool, redis_server, server_clients):
+    """close() closes the idle connections' sockets, and the server sees them go."""
+    pool = make_pool(max_connections=2, timeout=1)
+    conns = [pool.get_connection() for _ in range(2)]
+    for conn in conns:
+        pool.release(conn)
+    assert server_clients(redis_server) == 2
+    pool.close()
+    assert all(conn._sock is None for conn in conns)
+    assert pool.stats().closed["pool_closed"] == 2
+    for _ in range(40):
+        if server_clients(redis_server) == 0:
+            break
+        gevent.sleep(0.05)
+    assert server_clients(redis_server) == 0
+
+
+def test_closed_pool_never_lends_a_connection_passed_on_by_a_killed_waiter(make_pool):
+    """Hand-off, close(), then the waiter dies: the connection is closed, not idle in a closed pool."""
+    pool = make_pool(max_connections=1, timeout=5)
+    held = pool.get_connection()
+    waiter = gevent.spawn(pool.get_connection)
+    gevent.sleep(0)
+    waiter.kill(block=False)
+    pool.release(held)  # handed to the waiter, which has not run
+    pool.close()
+    gevent.sleep(0)  # the kill lands; the waiter passes the connection on
+    assert waiter.dead and pool.stats().idle == 0 and held._sock is None
+    with pytest.raises(PoolClosed):
+        pool.get_connection()
+
+
+def test_disconnect_marks_a_handed_connection_too(make_pool):
+    """A connection disconnect() marked for closing is not lent again after its waiter dies."""
+    pool = make_pool(max_connections=1, timeout=5)
+    held = pool.get_connection()
+    waiter = gevent.spawn(pool.get_connection)
+    gevent.sleep(0)
+    waiter.kill(block=False)
+    pool.release(held)  # handed to the waiter
+    pool.disconnect()
+    gevent.sleep(0)
+    conn = pool.get_connection()
+    assert conn is not held and held._sock is None
+    pool.release(conn)
+
+
+def test_reset_replaces_connections_and_keeps_waiters(make_pool):
+    """reset() closes idle connections, retires those in use, and a waiter is still served."""
+    pool = make_pool(max_connections=1, timeout=5)
+    held = pool.get_connection()
+    waiter = gevent.spawn(pool.get_connection)
+    gevent.sleep(0)
+    pool.reset()
+    pool.release(held)  # retired, not handed over
+    conn = waiter.get(timeout=2)
+    assert conn is not held and held._sock is None
+    pool.release(conn)
+    check_invariants(pool)
+
+
+def test_pool_logs_to_the_greenpool_logger(make_pool, caplog):
+    """The pool's warnings go to the logger named 'greenpool'."""
+    pool = make_pool(max_connections=1)
+    conn = pool.get_connection()
+    pool.release(conn)
+    with caplog.at_level(logging.WARNING):
+        pool.release(conn)
+    assert [record.name for record in caplog.records] == ["greenpool"]
+
+
+def run_in_os_thread(function):
+    """Run *function* in a real OS thread (another hub) and wait for it cooperatively."""
+    lock = get_original("_thread", "allocate_lock")()
+    lock.acquire()
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(function())
+        except BaseException as exc:  # reported to the test, in the hub's thread
+            outcome.append(exc)
+        finally:
+            lock.release()
+
+    get_original("_thread", "start_new_thread")(run, ())
+    while not lock.acquire(False):
+        gevent.sleep(0.01)
+    return outcome[0]
+
+
+@pytest.mark.parametrize("method", ["release", "close", "disconnect"])
+def test_other_calls_from_another_os_thread_are_refused(make_pool, method):
+    """release(), close() and disconnect() from a real OS thread raise and change nothing."""
+    pool = make_pool(max_connections=1, timeout=1)
+    conn = pool.get_connection()
+    call = getattr(pool, method)
+    result = run_in_os_thread(lambda: call(conn) if method == "release" else call())
+    assert isinstance(result, RuntimeError) and "used from OS thread" in str(result)
+    assert pool.stats().in_use == 1 and not pool.closed and conn._sock is not None
+    pool.release(conn)

@@ -168,7 +168,7 @@ def test_pool_timeout_is_a_failure_with_its_message(redis_url, monkeypatch):
         assert event["name"] == "GET"
         assert repr(event["exception"]) == (
             "PoolTimeout(\"no connection from pool 'locust' within 0.05 s "
-            "(max_connections=1, 1 in use, 0 waiting)\")"
+            "(max_connections=1, 1 in use, 0 dialling, 0 waiting)\")"
         )
         waiter.client.get("k")  # the pool works again once the holder is done
         assert rec.events[-1]["exception"] is None

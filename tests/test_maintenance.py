@@ -160,6 +160,7 @@ def test_maintenance_holds_the_pool_by_weakref(redis_server):
     redis.Redis(connection_pool=pool).ping()
     greenlet = pool._maintenance.greenlet
     ref = weakref.ref(pool)
+    gevent.sleep(0)  # let the finished dial's link callback run: it holds the pool
     del pool
     gc.collect()
     assert ref() is None
@@ -215,3 +216,53 @@ def test_real_maintenance_greenlet_reaps_and_refills(make_pool, redis_server, se
             break
         gevent.sleep(0.05)
     assert server_clients(redis_server) == 1
+
+
+def test_idle_clock_starts_at_last_use(make_pool, clock):
+    """A connection opened long ago but used recently is not reaped."""
+    pool = quiet(make_pool(max_connections=2, idle_timeout=10, clock=clock))
+    clock.jump(8)
+    pool.release(pool.get_connection())  # used at t+8
+    clock.jump(5)  # idle 5 s, 13 s old
+    assert maintenance.run_once(pool).close_idle == []
+
+
+def test_expired_idle_connection_is_replaced_at_checkout(make_pool, clock):
+    """Past max_lifetime an idle connection is replaced at checkout, even before maintenance runs."""
+    pool = quiet(make_pool(max_connections=1, max_lifetime=100, clock=clock))
+    first = pool.get_connection()
+    pool.release(first)
+    clock.jump(101)
+    second = pool.get_connection()
+    assert second is not first and pool.stats().closed["expired"] == 1
+    pool.release(second)
+
+
+def test_maintenance_killed_mid_ping_gives_the_slot_back(make_pool, clock, tcp_proxy):
+    """Killing the greenlet while its keepalive PING waits for a reply loses no slot."""
+    pool = quiet(
+        make_pool(
+            max_connections=1, timeout=0.3, keepalive_ping_interval=10, clock=clock, port=tcp_proxy.port
+        )
+    )
+    clock.jump(11)
+    tcp_proxy.blackhole()  # the PING's reply never comes
+    pinger = gevent.spawn(maintenance.run_once, pool)
+    gevent.sleep(0.05)
+    assert pool.stats().in_use == 1  # lent to the pinger
+    pinger.kill()
+    tcp_proxy.restore()
+    assert pool.stats().in_use == 0 and pool.stats().size == 0, repr(pool)
+    check_invariants(pool)
+
+
+def test_keepalive_ping_to_a_silent_peer_is_bounded(make_pool, clock, tcp_proxy, monkeypatch):
+    """A PING that gets no reply gives up after its own bound and closes the connection."""
+    monkeypatch.setattr(maintenance, "_PING_TIMEOUT", 0.1)
+    pool = quiet(make_pool(max_connections=1, keepalive_ping_interval=10, clock=clock, port=tcp_proxy.port))
+    clock.jump(11)
+    tcp_proxy.blackhole()
+    with gevent.Timeout(2):
+        maintenance.run_once(pool)
+    stats = pool.stats()
+    assert (stats.in_use, stats.size, stats.closed["broken"], stats.pings) == (0, 0, 1, 1)
