@@ -557,7 +557,31 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--only", action="append", choices=DEMO_POOLS,
                      help="run only this pool (repeatable; default: all three)")
     sub.set_defaults(run=_demo)
+
+    sub = commands.add_parser(
+        "bench", add_help=False,
+        help="the side-by-side benchmark (from a clone of the repository)",
+        description="Run benchmarks/bench.py: greenpool against redis-py's pools and a "
+        "no-pool ceiling. 'bench --help' lists its options.",
+    )
+    # main() hands everything after "bench" to the harness's own parser; this
+    # entry only lists the command in --help.
+    sub.set_defaults(run=lambda args: _bench([]))
     return parser
+
+
+def _bench(argv: Sequence[str]) -> int:
+    """Hand over to the benchmark harness, which lives beside the package."""
+    if os.path.isfile(os.path.join("benchmarks", "bench.py")) and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the console script does not put the cwd first
+    try:
+        from benchmarks import bench
+    except ImportError:
+        raise CommandError(
+            "the benchmark is in the repository's benchmarks/ folder, which is not "
+            "installed: run this from a clone of greenpool", status=2,
+        ) from None
+    return int(bench.main(list(argv), prog=f"{PROG} bench"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -567,11 +591,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         (or the output pipe was closed), 2 for a bad option or setting, 130
         when interrupted.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["bench"]:
+            return _bench(argv[1:])
         args = _parser().parse_args(argv)
         if not hasattr(args, "run"):
             raise CommandError(
-                f"a command is required: config, check or demo (see '{PROG} --help')", status=2
+                f"a command is required: config, check, demo or bench (see '{PROG} --help')",
+                status=2,
             )
         status: int = args.run(args)
         sys.stdout.flush()  # here, so that a closed pipe is reported below

@@ -190,7 +190,7 @@ def test_config_into_a_closed_pipe() -> None:
      "500ms (got '3 seconds')"),
     (["demo", "--only", "pgbouncer"], "argument --only: invalid choice: 'pgbouncer' (choose "
      "from 'greenpool', 'redis', 'redis-blocking') (see 'greenpool demo --help')"),
-    ([], "a command is required: config, check or demo (see 'greenpool --help')"),
+    ([], "a command is required: config, check, demo or bench (see 'greenpool --help')"),
 ], ids=["unknown-option", "bad-url", "bad-port", "greenlets", "duration", "only", "no-command"])
 def test_bad_options_fail_in_one_line(args: List[str], message: str) -> None:
     """A bad option or argument fails with exit 2 and one line, before any work."""
@@ -500,3 +500,28 @@ def test_run_pool_counts_redis_py_errors(redis_server: RedisServer) -> None:
 def test_passwords_are_masked(url: str, shown: str) -> None:
     """Passwords in a URL's authority or query are shown as ***."""
     assert cli._redact(url) == shown
+
+
+def test_bench_hands_over_to_the_benchmark_harness() -> None:
+    """`greenpool bench --help` shows the harness's own options; elsewhere it says where it lives."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "greenpool", "bench", "--help"], cwd=REPO_ROOT, env=cli_env(None),
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )
+    assert proc.returncode == 0 and "--scenarios" in proc.stdout and "usage: greenpool bench" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_bench_outside_a_clone_is_one_clear_line(tmp_path: Any) -> None:
+    """Run where benchmarks/ cannot be imported, bench fails with one line and status 2."""
+    # An installed greenpool, run away from a clone: benchmarks cannot be imported.
+    code = "import sys; sys.modules['benchmarks'] = None; from greenpool.cli import main; sys.exit(main(['bench']))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=cli_env(None),
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "greenpool: error: the benchmark is in the repository's benchmarks/ folder, which is not "
+        "installed: run this from a clone of greenpool"
+    ]
