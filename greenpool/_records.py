@@ -1,4 +1,5 @@
-"""The pool's bookkeeping records: a connection it owns, a caller it queues."""
+"""The pool's bookkeeping records: a connection it owns, a caller it queues,
+a dial in flight."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ from typing import Any, Optional
 
 from gevent.hub import Waiter
 
-__all__ = ["Slot", "Queued"]
+__all__ = ["Slot", "Queued", "DialTicket", "LENT"]
+
+#: Slot.holder of a connection that is not waiting for its waiter to run,
+#: when leak detection is off (with it on, the holder greenlet).
+LENT = "lent"
 
 
 class Slot:
@@ -34,10 +39,10 @@ class Slot:
         self.created_at = now
         self.expires_at = expires_at
         self.idle_since = now
-        # None while idle or handed to a waiter that has not run yet; once
-        # lent, the pool's LENT marker, or the holder greenlet when leak
-        # detection is on.
-        self.holder: Any = None
+        # None only while handed to a waiter that has not run yet (a second
+        # release then is a misuse); else LENT, or with leak detection on
+        # the greenlet that last took it.
+        self.holder: Any = LENT
         self.lent_at = now
         self.stack: Optional[traceback.StackSummary] = None
         self.leak_reported = False
@@ -59,3 +64,13 @@ class Queued:
         # Waiter.switch may only run in the hub: schedule it. If the caller
         # has already woken (its timer fired) the late switch is a no-op.
         self.waiter.hub.loop.run_callback(self.waiter.switch, None)
+
+
+class DialTicket:
+    """One dial's claim on a slot, settled exactly once (see _settle)."""
+
+    __slots__ = ("generation", "settled")
+
+    def __init__(self, generation: object) -> None:
+        self.generation = generation
+        self.settled = False

@@ -30,7 +30,7 @@ class RedisPyPoolMixin:
         return conn
 
     def _checkpid(self) -> None:
-        # Fork safety comes from os.register_at_fork (see _forget_parent), so
+        # Fork safety comes from os.register_at_fork (see greenpool._fork), so
         # no getpid() syscall is needed on every checkout.
         pass
 

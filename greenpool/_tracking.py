@@ -58,6 +58,19 @@ class ReplyTracking:
         self._greenpool_owed -= 1
         return response
 
+    #: Set when redis-py asks for a reconnect (maintenance notifications,
+    #: redis-py 7+): the pool closes the connection on release. A plain
+    #: attribute, so release() reads it instead of calling should_reconnect().
+    _greenpool_reconnect = False
+
+    def mark_for_reconnect(self) -> None:
+        super().mark_for_reconnect()  # type: ignore[misc]
+        self._greenpool_reconnect = True
+
+    def reset_should_reconnect(self) -> None:
+        super().reset_should_reconnect()  # type: ignore[misc]
+        self._greenpool_reconnect = False
+
     def disconnect(self, *args: Any, **kwargs: Any) -> None:
         try:
             super().disconnect(*args, **kwargs)  # type: ignore[misc]

@@ -27,7 +27,6 @@ import os
 import random
 import time
 import traceback
-import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional
 
@@ -37,8 +36,8 @@ from gevent import getcurrent
 from gevent.monkey import get_original
 from redis.connection import parse_url
 
-from . import config, maintenance
-from ._records import Queued, Slot
+from . import _fork, config, maintenance
+from ._records import LENT, DialTicket, Queued, Slot
 from ._redispy import RedisPyPoolMixin
 from ._tracking import tracked_class
 from .errors import PoolClosed, PoolTimeout, TooManyWaiters
@@ -55,7 +54,6 @@ _POLLIN = 0x001 | 0x008 | 0x010  # POLLIN | POLLERR | POLLHUP
 
 _names = itertools.count(1)
 _UNSET: Any = object()  # "not given": None is a meaningful timeout
-LENT = "lent"  # Slot.holder of a lent connection when leak detection is off
 
 #: Dials in flight at once while callers wait. One at a time damps a spike:
 #: connections released meanwhile serve the waiters, and the pool grows only
@@ -65,31 +63,6 @@ _DIAL_CONCURRENCY = 1
 #: Negative jitter on max_lifetime, as a fraction, so connections opened
 #: together are not all replaced together.
 _LIFETIME_JITTER = 0.1
-
-
-class _DialTicket:
-    """One dial's claim on a slot, settled exactly once (see _settle)."""
-
-    __slots__ = ("generation", "settled")
-
-    def __init__(self, generation: object) -> None:
-        self.generation = generation
-        self.settled = False
-
-
-_POOLS: "weakref.WeakSet[BlockingConnectionPool]" = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for pool in list(_POOLS):
-        pool._forget_parent()
-
-
-if hasattr(os, "register_at_fork"):
-    # Runs inside os.fork() in the child, before any greenlet does: no
-    # greenlet can race the reset, whether or not gevent patched the process
-    # yet (gunicorn --preload builds pools, forks, then patches).
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
@@ -102,8 +75,9 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
     :param max_connections: the most connections that exist at once, counting
         idle ones, those in use and those being opened.
     :param timeout: seconds a caller waits for a connection; ``None`` waits
-        for ever; ``0`` never waits for a busy connection (it still waits for
-        a connection being opened for it when the pool can grow).
+        for ever; ``0`` never waits for a busy connection (it still waits,
+        up to ``socket_connect_timeout``, for a connection being opened for
+        it when the pool can grow).
     :param name: the pool's name in logs, errors and ``repr``.
     :param connection_class: the redis-py connection class.
     :param connection_kwargs: passed to *connection_class* (``host``,
@@ -151,7 +125,6 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         # damps their dials: each gets its own.
         self._dial_limit = _DIAL_CONCURRENCY if self.timeout != 0 else self.max_connections
         self._tracked_class = tracked_class(connection_class)
-        self._check_reconnect = hasattr(connection_class, "should_reconnect")
         self._maintenance: Optional[maintenance.Maintenance] = None
         for key, value in config.connection_kwargs(options, connection_class).items():
             connection_kwargs.setdefault(key, value)  # the user's own mapping wins
@@ -160,7 +133,7 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         # calling our reset().
         super().__init__(connection_class=connection_class, **connection_kwargs)
         self.max_connections = options["max_connections"]
-        _POOLS.add(self)
+        _fork.register(self)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "BlockingConnectionPool":
@@ -219,10 +192,10 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         self._counters = Counters()
         self.pid = os.getpid()
 
-    def _forget_parent(self) -> None:
-        # In a forked child: the parent's sockets must never be used, written
-        # to or shut down from here. Keep them aside and close our copies of
-        # their file descriptors later, outside the fork handler.
+    def _after_fork_in_child(self) -> None:
+        # Called by greenpool._fork inside os.fork(): the parent's sockets
+        # must never be used, written to or shut down from here. Keep them
+        # aside; maintenance closes our copies of their fds later.
         orphans = [slot.conn for slot in self._idle] + list(self._in_use)
         closed = self._closed
         self._init_state()
@@ -269,9 +242,7 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
                 continue
             self._in_use[slot.conn] = slot
             self._counters.checkouts += 1
-            if self._leak_threshold is None:
-                slot.holder = LENT
-            else:
+            if self._leak_threshold is not None:
                 self._track(slot, now)
             return slot.conn
         return self._wait()
@@ -402,7 +373,7 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
             raw._greenpool_owed
             or raw._sock is None
             or now >= slot.expires_at
-            or (self._check_reconnect and connection.should_reconnect())
+            or raw._greenpool_reconnect
             or (self._custom_retire and self.retire_on_release(connection))
         ):
             self._retire(slot, now)
@@ -494,14 +465,14 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         self._dialling += 1
         if self._maintenance is None:
             self._maintenance = maintenance.start(self)
-        ticket = _DialTicket(self._generation)
+        ticket = DialTicket(self._generation)
         dial = gevent.spawn(self._dial, ticket)
         dial.name = f"{self.name}-dial"
         # A dial killed before it ever ran (gevent.killall at shutdown) skips
         # _dial's own bookkeeping: this link gives its slot back.
         dial.rawlink(functools.partial(self._dial_ended, ticket))
 
-    def _settle(self, ticket: "_DialTicket") -> bool:
+    def _settle(self, ticket: DialTicket) -> bool:
         """Count a dial as finished, once; False if it belongs to a past generation."""
         if ticket.settled or ticket.generation is not self._generation:
             ticket.settled = True
@@ -510,11 +481,11 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         self._dialling -= 1
         return True
 
-    def _dial_ended(self, ticket: "_DialTicket", _dial: Any) -> None:
+    def _dial_ended(self, ticket: DialTicket, _dial: Any) -> None:
         if self._settle(ticket):
             self._grow()
 
-    def _dial(self, ticket: "_DialTicket") -> None:
+    def _dial(self, ticket: DialTicket) -> None:
         conn = None
         try:
             conn = self.make_connection()

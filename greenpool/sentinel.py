@@ -170,18 +170,6 @@ class _SwitchWatcher:
             pubsub.close()
 
 
-_WATCHED: "weakref.WeakSet[SentinelBlockingConnectionPool]" = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for pool in list(_WATCHED):
-        pool._stop_watching()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class SentinelBlockingConnectionPool(BlockingConnectionPool):
     """A :class:`greenpool.BlockingConnectionPool` for a Sentinel-managed service.
 
@@ -275,7 +263,6 @@ class SentinelBlockingConnectionPool(BlockingConnectionPool):
         """
         if self._watch and self._watcher is None and not self._closed:
             self._watcher = _SwitchWatcher(self)
-            _WATCHED.add(self)
         host, port = self.sentinel_manager.discover_master(self.service_name)
         address = (host, int(port))
         if self.is_master:
@@ -310,6 +297,11 @@ class SentinelBlockingConnectionPool(BlockingConnectionPool):
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.stop()
+
+    def _after_fork_in_child(self) -> None:
+        # The child must not read the parent's subscription (greenpool._fork).
+        super()._after_fork_in_child()
+        self._stop_watching()
 
     def rotate_slaves(self) -> Iterator[Address]:
         """Yield the replicas round-robin, then the master as a fallback.

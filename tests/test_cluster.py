@@ -10,11 +10,12 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List
 
 import gevent
 import pytest
 import redis
+from admin import admin, close_admin_clients, wait_until  # noqa: F401
 from pools import check_invariants
 from redis.cluster import ClusterNode
 
@@ -44,30 +45,6 @@ def _cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-_ADMINS: Dict[Tuple[str, int], redis.Redis] = {}
-
-
-def _admin(server: RedisServer) -> redis.Redis:
-    """A client for direct commands to *server*, closed when the module ends."""
-    key = (server.host, server.port)
-    if key not in _ADMINS:
-        _ADMINS[key] = redis.Redis(host=server.host, port=server.port, decode_responses=True)
-    return _ADMINS[key]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_admin_clients() -> Iterator[None]:
-    """Close the admin clients' connections (left to the GC they would warn)."""
-    yield
-    for client in _ADMINS.values():
-        client.connection_pool.disconnect()
-    _ADMINS.clear()
-
-
-def _wait(predicate: Any, seconds: float, what: str) -> None:
-    with gevent.Timeout(seconds, AssertionError(f"timed out waiting for {what}")):
-        while not predicate():
-            gevent.sleep(0.02)
 
 
 @dataclass
@@ -94,11 +71,11 @@ def cluster() -> Iterator[Cluster]:
         for _ in range(5):
             servers.append(RedisServer(port=_cluster_port(), args=NODE_ARGS))
             servers[-1].start()
-        admins = [_admin(s) for s in servers]
-        for epoch, admin in enumerate(admins, 1):
-            admin.execute_command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
-        for admin, (low, high) in zip(admins, RANGES):
-            admin.execute_command("CLUSTER", "ADDSLOTS", *range(low, high + 1))
+        admins = [admin(s) for s in servers]
+        for epoch, node in enumerate(admins, 1):
+            node.execute_command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
+        for node, (low, high) in zip(admins, RANGES):
+            node.execute_command("CLUSTER", "ADDSLOTS", *range(low, high + 1))
         for server in servers[1:]:
             admins[0].execute_command("CLUSTER", "MEET", server.host, server.port)
 
@@ -109,7 +86,7 @@ def cluster() -> Iterator[Cluster]:
                 for a in admins
             )
 
-        _wait(formed, 15, "cluster_state:ok on every node")
+        wait_until(formed, 15, "cluster_state:ok on every node")
         yield Cluster(servers[:3], servers[3], servers[4])
     finally:
         for server in servers:
@@ -127,12 +104,12 @@ def clients() -> Iterator[List[Any]]:
 
 def _named(server: RedisServer, name: str) -> int:
     """How many connections named *name* the server has (CLIENT LIST)."""
-    return sum(1 for c in _admin(server).client_list() if c.get("name") == name)
+    return sum(1 for c in admin(server).client_list() if c.get("name") == name)
 
 
 def _slot_owners(cluster: Cluster) -> List[str]:
     """The nodes that own slots now (CLUSTER SLOTS), as host:port, sorted."""
-    slots = _admin(cluster.masters[0]).execute_command("CLUSTER", "SLOTS")
+    slots = admin(cluster.masters[0]).execute_command("CLUSTER", "SLOTS")
     return sorted({f"{cluster.masters[0].host}:{r[2][1]}" for r in slots})
 
 
@@ -269,7 +246,7 @@ def test_exhausted_node_pool_times_out_without_churning_connections(cluster, cli
 
 def _migrate_slot(slot: int, source: RedisServer, target: RedisServer, everyone: List[RedisServer]) -> int:
     """Move *slot* from *source* to *target* as redis-cli does; return the keys moved."""
-    src, dst = _admin(source), _admin(target)
+    src, dst = admin(source), admin(target)
     src_id, dst_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
     dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
     src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
@@ -282,15 +259,15 @@ def _migrate_slot(slot: int, source: RedisServer, target: RedisServer, everyone:
         moved += len(keys)
         gevent.sleep(0.02)  # let the load run between batches
     for server in [target, source, *[s for s in everyone if s not in (source, target)]]:
-        _admin(server).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        admin(server).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
     return moved
 
 
 def _move_empty_slot(slot: int, target: RedisServer, everyone: List[RedisServer]) -> None:
     """Give an empty *slot* to *target* (no keys, so no migration)."""
-    target_id = _admin(target).execute_command("CLUSTER", "MYID")
+    target_id = admin(target).execute_command("CLUSTER", "MYID")
     for server in [target, *[s for s in everyone if s is not target]]:
-        _admin(server).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        admin(server).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
 
 
 @dataclass
@@ -337,14 +314,14 @@ def _migrate_under_load(client: RedisCluster, cluster: Cluster, keys: List[str],
     started = time.monotonic()
     result.moved = _migrate_slot(slot, source, target, cluster.nodes)
     target_name = f"{target.host}:{target.port}"
-    _wait(lambda: client.get_node_from_key(keys[0]).name == target_name, 15, "the client to follow the slot")
+    wait_until(lambda: client.get_node_from_key(keys[0]).name == target_name, 15, "the client to follow the slot")
     gevent.sleep(0.3)  # the load goes on against the new owner
     stop.append(True)
     gevent.joinall(workers, timeout=10, raise_error=True)
     sampler.kill()
     print(f"\nslot {slot}: {result.moved} keys migrated under load in {time.monotonic() - started:.2f} s; "
           f"{sum(result.done.values())} INCRs, {len(result.errors)} errors")
-    assert _admin(target).execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == len(keys)
+    assert admin(target).execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == len(keys)
     return result
 
 
@@ -370,7 +347,7 @@ def test_slot_migration_under_load_to_a_node_discovered_later(cluster, clients):
     # 1. The spare gets an empty slot; the client learns of it from MOVED.
     probe = "{probe}"
     _move_empty_slot(client.keyslot(probe), cluster.spare, cluster.nodes)
-    _wait(lambda: client.set(probe, 1) and client.get_node_from_key(probe).name == spare, 10, "MOVED to the spare")
+    wait_until(lambda: client.set(probe, 1) and client.get_node_from_key(probe).name == spare, 10, "MOVED to the spare")
     new_pool = client.get_node_from_key(probe).redis_connection.connection_pool
     assert type(new_pool) is ClusterNodePool and new_pool.max_connections == size
     assert new_pool is client.node_pools()[spare]

@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import gevent
 import pytest
 import redis
+from admin import admin, close_admin_clients, wait_until  # noqa: F401
 from pools import check_invariants
 from redis.sentinel import Sentinel
 
@@ -48,30 +49,6 @@ class Topology:
         return ",".join(f"{h}:{p}" for h, p in self.addresses)
 
 
-_ADMINS: Dict[Tuple[str, int], redis.Redis] = {}
-
-
-def _admin(server: RedisServer) -> redis.Redis:
-    """A client for direct commands to *server*, closed when the module ends."""
-    key = (server.host, server.port)
-    if key not in _ADMINS:
-        _ADMINS[key] = redis.Redis(host=server.host, port=server.port, decode_responses=True)
-    return _ADMINS[key]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_admin_clients() -> Iterator[None]:
-    """Close the admin clients' connections (left to the GC they would warn)."""
-    yield
-    for client in _ADMINS.values():
-        client.connection_pool.disconnect()
-    _ADMINS.clear()
-
-
-def _wait(predicate: Any, seconds: float, what: str) -> None:
-    with gevent.Timeout(seconds, AssertionError(f"timed out waiting for {what}")):
-        while not predicate():
-            gevent.sleep(0.02)
 
 
 @contextlib.contextmanager
@@ -87,7 +64,7 @@ def topology(replicas: int = 2) -> Iterator[Topology]:
         masters = {SERVICE: start(RedisServer()), LONELY: start(RedisServer())}
         main = masters[SERVICE]
         copies = [start(RedisServer(args=["--replicaof", main.host, str(main.port)])) for _ in range(replicas)]
-        _wait(lambda: _admin(main).info("replication")["connected_slaves"] == replicas, 10, "replication")
+        wait_until(lambda: admin(main).info("replication")["connected_slaves"] == replicas, 10, "replication")
         args: List[str] = []
         for name, master in masters.items():
             args += ["--sentinel", "monitor", name, master.host, str(master.port), "1"]
@@ -95,7 +72,7 @@ def topology(replicas: int = 2) -> Iterator[Topology]:
             args += ["--sentinel", "failover-timeout", name, "2000"]
         sentinels = [start(RedisServer(sentinel=True, args=args)) for _ in range(3)]
         for s in sentinels:
-            _wait(lambda s=s: _admin(s).sentinel_master(SERVICE)["num-slaves"] == replicas, 10, "sentinel")
+            wait_until(lambda s=s: admin(s).sentinel_master(SERVICE)["num-slaves"] == replicas, 10, "sentinel")
         yield Topology(masters, copies, sentinels, servers)
     finally:
         for server in servers:
@@ -124,7 +101,7 @@ def _address(conn: Any) -> Tuple[str, int]:
 
 def _named(server: RedisServer, name: str) -> int:
     """How many connections named *name* the server has (CLIENT LIST)."""
-    return sum(1 for c in _admin(server).client_list() if c.get("name") == name)
+    return sum(1 for c in admin(server).client_list() if c.get("name") == name)
 
 
 # -- the pool with redis-py's Sentinel ----------------------------------------
@@ -187,8 +164,8 @@ def test_replica_connections_rotate_over_the_replicas(topo, clients):
     assert addresses[0] != addresses[1] and addresses[0] == addresses[2] and addresses[1] == addresses[3]
     for conn in conns:
         pool.release(conn)
-    _admin(topo.masters[SERVICE]).set("replicated", "yes")
-    _wait(lambda: client.get("replicated") == b"yes", 5, "replication of a write")
+    admin(topo.masters[SERVICE]).set("replicated", "yes")
+    wait_until(lambda: client.get("replicated") == b"yes", 5, "replication of a write")
     with pytest.raises(redis.exceptions.ReadOnlyError):
         client.set("x", 1)
     assert pool.stats().in_use == 0
@@ -238,15 +215,15 @@ def test_close_stops_the_watcher_and_its_subscription(topo):
 
     def subscribers() -> int:
         return sum(
-            1 for s in topo.sentinels for c in _admin(s).client_list()
+            1 for s in topo.sentinels for c in admin(s).client_list()
             if c.get("name") == "gp-close" and "P" in c["flags"]
         )
 
-    _wait(lambda: subscribers() == 1, 5, "the watcher's subscription")
+    wait_until(lambda: subscribers() == 1, 5, "the watcher's subscription")
     pool.close()
     watcher.greenlet.join(timeout=2)
     assert watcher.greenlet.dead and pool._watcher is None
-    _wait(lambda: subscribers() == 0, 5, "the subscription to close")
+    wait_until(lambda: subscribers() == 0, 5, "the subscription to close")
 
 
 def test_fork_stops_the_watcher_in_the_child_and_spares_the_parents(topo, subprocess_python):
@@ -263,9 +240,9 @@ def test_fork_stops_the_watcher_in_the_child_and_spares_the_parents(topo, subpro
         def subscribers():
             count = 0
             for host, port in SENTINELS:
-                admin = redis.Redis(host=host, port=port, decode_responses=True)
-                count += sum(1 for c in admin.client_list() if c.get("name") == "gp-fork" and "P" in c["flags"])
-                admin.connection_pool.disconnect()
+                probe = redis.Redis(host=host, port=port, decode_responses=True)
+                count += sum(1 for c in probe.client_list() if c.get("name") == "gp-fork" and "P" in c["flags"])
+                probe.connection_pool.disconnect()
             return count
 
         def wait_for(n):
@@ -373,7 +350,7 @@ def test_failover_under_load_moves_every_connection_to_the_new_master():
             failover_at = time.monotonic()
             # Ask the last sentinel: the watched one (the first) learns of it
             # from its peers, as it would in production.
-            assert _admin(t.sentinels[-1]).execute_command("SENTINEL", "FAILOVER", SERVICE)
+            assert admin(t.sentinels[-1]).execute_command("SENTINEL", "FAILOVER", SERVICE)
             target = (new.host, new.port)
             switched = {}
             with gevent.Timeout(25, AssertionError("the pools never moved to the new master")):
@@ -411,7 +388,7 @@ def test_failover_under_load_moves_every_connection_to_the_new_master():
             # missing from its counters went to the old master after the
             # promotion and are lost (Sentinel's window, shortened by watching).
             for load in loads:
-                value = int(_admin(new).get(load.key))
+                value = int(admin(new).get(load.key))
                 assert int(load.client.incr(load.key)) == value + 1
                 first = min((e[0] for e in load.errors), default=failover_at) - failover_at
                 print(
