@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Type
 
 from redis.exceptions import ResponseError
 
-__all__ = ["tracked_class", "owed_replies"]
+__all__ = ["tracked_class", "owed_replies", "ReplyTracking", "ReconnectTracking"]
 
 
 class _PackedCommands(List[Any]):
@@ -58,9 +58,25 @@ class ReplyTracking:
         self._greenpool_owed -= 1
         return response
 
-    #: Set when redis-py asks for a reconnect (maintenance notifications,
-    #: redis-py 7+): the pool closes the connection on release. A plain
-    #: attribute, so release() reads it instead of calling should_reconnect().
+    #: Set when redis-py asks for a reconnect (see ReconnectTracking); read
+    #: by release() on every connection, so defined here too.
+    _greenpool_reconnect = False
+
+    def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().disconnect(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._greenpool_owed = 0
+
+
+class ReconnectTracking:
+    """Mixin for redis-py 7+ connections, which have ``mark_for_reconnect()``.
+
+    redis-py marks a connection for reconnection on maintenance notifications;
+    the pool then closes it on release. Mirroring the mark in a plain
+    attribute spares release() a ``should_reconnect()`` call.
+    """
+
     _greenpool_reconnect = False
 
     def mark_for_reconnect(self) -> None:
@@ -70,12 +86,6 @@ class ReplyTracking:
     def reset_should_reconnect(self) -> None:
         super().reset_should_reconnect()  # type: ignore[misc]
         self._greenpool_reconnect = False
-
-    def disconnect(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            super().disconnect(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            self._greenpool_owed = 0
 
 
 _CLASSES: Dict[type, type] = {}
@@ -89,9 +99,12 @@ def tracked_class(connection_class: Type[Any]) -> Type[Any]:
         return _CLASSES[connection_class]
     except KeyError:
         pass
+    mixins: tuple = (ReplyTracking,)
+    if hasattr(connection_class, "mark_for_reconnect"):
+        mixins = (ReconnectTracking, ReplyTracking)
     cls = type(
         connection_class.__name__,
-        (ReplyTracking, connection_class),
+        (*mixins, connection_class),
         {"__module__": connection_class.__module__, "__doc__": connection_class.__doc__},
     )
     _CLASSES[connection_class] = cls

@@ -51,6 +51,17 @@ class Topology:
 
 
 
+def _num_replicas(sentinel: RedisServer) -> int:
+    """The replicas *sentinel* knows for SERVICE (raw SENTINEL MASTER: redis-py
+    6.4's sentinel_master() fails on its own return_responses option)."""
+    reply = admin(sentinel).execute_command("SENTINEL", "MASTER", SERVICE, NEVER_DECODE=True)
+    if isinstance(reply, dict):  # RESP3, or a version that parses it
+        fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in reply.items()}
+    else:
+        fields = {reply[i].decode(): reply[i + 1] for i in range(0, len(reply), 2)}
+    return int(fields["num-slaves"])
+
+
 @contextlib.contextmanager
 def topology(replicas: int = 2) -> Iterator[Topology]:
     """Start SERVICE (with *replicas*), LONELY (none) and three sentinels."""
@@ -72,7 +83,7 @@ def topology(replicas: int = 2) -> Iterator[Topology]:
             args += ["--sentinel", "failover-timeout", name, "2000"]
         sentinels = [start(RedisServer(sentinel=True, args=args)) for _ in range(3)]
         for s in sentinels:
-            wait_until(lambda s=s: admin(s).sentinel_master(SERVICE)["num-slaves"] == replicas, 10, "sentinel")
+            wait_until(lambda s=s: _num_replicas(s) == replicas, 10, "sentinel")
         yield Topology(masters, copies, sentinels, servers)
     finally:
         for server in servers:
