@@ -431,7 +431,6 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         return False
 
     def _release_unknown(self, connection: Any, slot: Optional[Slot]) -> None:
-        self._counters.misuses += 1
         if slot is not None:
             # Handed to a waiter that has not run yet: nobody holds it, so this
             # is a second release. Put the entry back untouched.
@@ -442,11 +441,11 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         elif connection in self._orphans or getattr(connection, "pid", None) != os.getpid():
             # Checked out before a fork: close our copy of the fd, never the
             # parent's connection (redis-py skips shutdown() across a fork).
-            self._counters.misuses -= 1
             connection.disconnect()
             return
         else:
             what = "not lent out by this pool"
+        self._counters.misuses += 1
         logger.warning("pool %r ignored a release: %r was %s", self.name, connection, what)
 
     # -- dialling ----------------------------------------------------------
@@ -498,10 +497,11 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
             if conn is not None:
                 conn.disconnect()  # a handshake cut short leaves its socket open
             if self._settle(ticket):
-                self._counters.dial_errors += 1
-                self._last_dial_error = exc
-                logger.debug("pool %r failed to open a connection: %s", self.name, exc)
-                self._deliver_error(exc)
+                if isinstance(exc, Exception):  # a kill of the dial is no caller's error
+                    self._counters.dial_errors += 1
+                    self._last_dial_error = exc
+                    logger.debug("pool %r failed to open a connection: %s", self.name, exc)
+                    self._deliver_error(exc)
                 self._grow()
             if not isinstance(exc, Exception):
                 raise
