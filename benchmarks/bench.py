@@ -296,6 +296,14 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
         return int(exc.code or 0)
+    import redis
+
+    if redis.VERSION < (5, 0):
+        # "pinned" shares each client's connection through the lock that
+        # redis-py 5 gave single-connection clients; 4.x has none.
+        print(f"{parser.prog}: error: the benchmark needs redis-py 5 or newer "
+              f"(this is {redis.__version__})", file=sys.stderr)
+        return 2
     repeat = args.repeat or (QUICK if args.quick else FULL)["repeat"]
     configs = plan(args)
     with ExitStack() as stack:

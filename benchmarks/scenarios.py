@@ -45,12 +45,13 @@ if __name__ == "__main__":
     monkey.patch_all()
 
 import hashlib
+import inspect
 import json
 import os
 import platform
 import sys
 from time import perf_counter
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import gevent
 import redis
@@ -142,7 +143,8 @@ class Subject:
         """Open *count* connections and put them back (pinned clients already are)."""
         if self.pool is None:
             return
-        held = [self.pool.get_connection() for _ in range(count)]
+        args = checkout_args(self.pool)
+        held = [self.pool.get_connection(*args) for _ in range(count)]
         for connection in held:
             self.pool.release(connection)
 
@@ -226,10 +228,20 @@ def _finish(greenlets: List[gevent.Greenlet], timeout: float) -> bool:
 # -- the scenarios -------------------------------------------------------------
 
 
+def checkout_args(pool: Any) -> Tuple[str, ...]:
+    """Arguments for ``pool.get_connection``: redis-py before 5.3 requires a
+    command name, later versions deprecate passing one."""
+    params = list(inspect.signature(pool.get_connection).parameters.values())
+    needs_name = bool(params) and params[0].default is inspect.Parameter.empty and params[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return ("_",) if needs_name else ()
+
+
 def _pool_loop(pool: Any, n: int) -> float:
+    args = checkout_args(pool)
     start = perf_counter()
     for _ in range(n):
-        pool.release(pool.get_connection())
+        pool.release(pool.get_connection(*args))
     return perf_counter() - start
 
 
@@ -256,7 +268,7 @@ def micro(name: str, url: str, params: Mapping[str, Any]) -> Dict[str, Any]:
         loop: Callable[[int], float]
         if subject.pool is not None:
             pool = subject.pool
-            pool.release(pool.get_connection())
+            pool.release(pool.get_connection(*checkout_args(pool)))
             loop = lambda n: _pool_loop(pool, n)  # noqa: E731
         else:
             lock = subject.clients[0].single_connection_lock
@@ -462,7 +474,7 @@ def probe(url: str) -> Dict[str, Any]:
     """The environment the measurements run in, for the report's header."""
     client = redis.Redis.from_url(url)
     info = client.info("server")
-    connection = client.connection_pool.get_connection()
+    connection = client.connection_pool.get_connection(*checkout_args(client.connection_pool))
     parser = type(connection._parser).__name__
     protocol = getattr(connection, "protocol", 2)
     client.connection_pool.release(connection)

@@ -181,10 +181,10 @@ def test_readiness_check_does_not_switch_to_the_hub(make_pool):
 
 def test_connection_marked_for_reconnect_is_closed_on_release(make_pool):
     """redis-py 8's should_reconnect() (maintenance notifications) closes the connection on release."""
+    if not hasattr(redis.Connection, "mark_for_reconnect"):
+        pytest.skip("redis-py before 7 has no maintenance notifications")
     pool = make_pool(max_connections=1, protocol=3)
     conn = pool.get_connection()
-    if not hasattr(conn, "mark_for_reconnect"):
-        pytest.skip("redis-py before 7 has no maintenance notifications")
     conn.mark_for_reconnect()
     pool.release(conn)
     assert pool.stats().closed["reconnect"] == 1

@@ -219,8 +219,11 @@ def test_dial_killed_inside_connect_frees_its_slot(make_pool):
 
 def test_hung_dial_is_bounded_by_socket_connect_timeout(tcp_proxy):
     """A server that accepts but never answers holds the dial only socket_connect_timeout long."""
+    # client_name makes every redis-py version wait for a reply in the
+    # handshake (CLIENT SETNAME), which the silent server never sends.
     pool = BlockingConnectionPool(
-        max_connections=2, timeout=2, host="127.0.0.1", port=tcp_proxy.port, socket_connect_timeout=0.3
+        max_connections=2, timeout=2, host="127.0.0.1", port=tcp_proxy.port, socket_connect_timeout=0.3,
+        client_name="gp",
     )
     tcp_proxy.blackhole()
     start = time.monotonic()
@@ -238,7 +241,8 @@ def test_hung_dial_is_bounded_by_socket_connect_timeout(tcp_proxy):
 def test_timeout_zero_waits_no_longer_than_a_dial(tcp_proxy):
     """timeout=0 waits only for the dial it started, which socket_connect_timeout bounds."""
     pool = BlockingConnectionPool(
-        max_connections=1, timeout=0, host="127.0.0.1", port=tcp_proxy.port, socket_connect_timeout=0.2
+        max_connections=1, timeout=0, host="127.0.0.1", port=tcp_proxy.port, socket_connect_timeout=0.2,
+        client_name="gp",
     )
     tcp_proxy.blackhole()
     caller = gevent.spawn(pool.get_connection)
