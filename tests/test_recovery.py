@@ -186,3 +186,17 @@ def test_health_check_interval_pings_before_using_an_older_connection(make_pool,
     gevent.sleep(0.2)
     client.get("k")  # idle past the interval: PING first
     assert admin.info("commandstats").get("cmdstat_ping", {}).get("calls") == 1
+
+
+def test_keepalive_options_are_applied_again_on_reconnect(make_pool, redis_server):
+    """A connection redis-py re-opens (after the server dropped it) gets the options again."""
+    if "idle" not in supported_options():
+        pytest.skip("this platform cannot set the keepalive idle time")
+    pool = make_pool(max_connections=1, keepalive_idle=11)
+    conn = pool.get_connection()
+    first = conn._sock
+    conn.disconnect()  # as redis-py does after an error; the next command reconnects
+    conn.send_command("PING")
+    assert conn.read_response() in (b"PONG", "PONG")
+    assert conn._sock is not first and read_options(conn._sock)["keepalive_idle"] == 11
+    pool.release(conn)
