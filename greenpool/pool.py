@@ -1,4 +1,4 @@
-"""The pool: checkout, release, waiting, dialling and the pool's state.
+"""The pool: checkout, release, waiting, closing and the pool's state.
 
 Everything that decides who gets which connection happens here, in short
 sections that never yield to the hub: under gevent only one greenlet runs at
@@ -16,28 +16,32 @@ The life of a connection::
 A released connection goes straight to the oldest live waiter, so a greenlet
 that releases and asks again queues behind those already waiting (redis-py's
 pools let it barge in and starve them).
+
+Where the rest lives: dials in :mod:`greenpool._dial`, the records in
+:mod:`greenpool._records`, reply accounting in :mod:`greenpool._tracking`,
+what redis-py calls beyond checkout in :mod:`greenpool._redispy`, fork
+safety in :mod:`greenpool._fork`, background upkeep in
+:mod:`greenpool.maintenance`, settings in :mod:`greenpool.config`.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import os
-import random
 import time
 import traceback
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional
 
-import gevent
 import redis
 from gevent import getcurrent
 from gevent.monkey import get_original
 from redis.connection import parse_url
 
 from . import _fork, config, maintenance
-from ._records import LENT, DialTicket, Queued, Slot
+from ._dial import DIAL_CONCURRENCY, DialMixin
+from ._records import LENT, Queued, Slot
 from ._redispy import RedisPyPoolMixin
 from ._tracking import tracked_class
 from .errors import PoolClosed, PoolTimeout, TooManyWaiters
@@ -55,17 +59,7 @@ _POLLIN = 0x001 | 0x008 | 0x010  # POLLIN | POLLERR | POLLHUP
 _names = itertools.count(1)
 _UNSET: Any = object()  # "not given": None is a meaningful timeout
 
-#: Dials in flight at once while callers wait. One at a time damps a spike:
-#: connections released meanwhile serve the waiters, and the pool grows only
-#: as far as the load lasts (HikariCP's single "connection adder" thread).
-_DIAL_CONCURRENCY = 1
-
-#: Negative jitter on max_lifetime, as a fraction, so connections opened
-#: together are not all replaced together.
-_LIFETIME_JITTER = 0.1
-
-
-class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
+class BlockingConnectionPool(DialMixin, RedisPyPoolMixin, redis.ConnectionPool):
     """A fair, bounded, kill-safe blocking connection pool for gevent.
 
     A drop-in ``connection_pool=`` for :class:`redis.Redis`. When every
@@ -123,7 +117,7 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
         self._dial_timeout: Optional[float] = options["socket_connect_timeout"]
         # timeout=0 callers never wait for a busy connection, so nothing
         # damps their dials: each gets its own.
-        self._dial_limit = _DIAL_CONCURRENCY if self.timeout != 0 else self.max_connections
+        self._dial_limit = DIAL_CONCURRENCY if self.timeout != 0 else self.max_connections
         self._tracked_class = tracked_class(connection_class)
         self._maintenance: Optional[maintenance.Maintenance] = None
         for key, value in config.connection_kwargs(options, connection_class).items():
@@ -447,97 +441,6 @@ class BlockingConnectionPool(RedisPyPoolMixin, redis.ConnectionPool):
             what = "not lent out by this pool"
         self._counters.misuses += 1
         logger.warning("pool %r ignored a release: %r was %s", self.name, connection, what)
-
-    # -- dialling ----------------------------------------------------------
-
-    def _grow(self) -> None:
-        """Start a dial if callers wait that dials in flight will not serve."""
-        while (
-            self._nwaiting > self._dialling
-            and self._dialling < self._dial_limit
-            and self._size() < self.max_connections
-            and not self._closed
-        ):
-            self._start_dial()
-
-    def _start_dial(self) -> None:
-        self._dialling += 1
-        if self._maintenance is None:
-            self._maintenance = maintenance.start(self)
-        ticket = DialTicket(self._generation)
-        dial = gevent.spawn(self._dial, ticket)
-        dial.name = f"{self.name}-dial"
-        # A dial killed before it ever ran (gevent.killall at shutdown) skips
-        # _dial's own bookkeeping: this link gives its slot back.
-        dial.rawlink(functools.partial(self._dial_ended, ticket))
-
-    def _settle(self, ticket: DialTicket) -> bool:
-        """Count a dial as finished, once; False if it belongs to a past generation."""
-        if ticket.settled or ticket.generation is not self._generation:
-            ticket.settled = True
-            return False
-        ticket.settled = True
-        self._dialling -= 1
-        return True
-
-    def _dial_ended(self, ticket: DialTicket, _dial: Any) -> None:
-        if self._settle(ticket):
-            self._grow()
-
-    def _dial(self, ticket: DialTicket) -> None:
-        conn = None
-        try:
-            conn = self.make_connection()
-            # Bound the whole dial, TCP connect and handshake: a server that
-            # accepts but never answers would otherwise hold the pool's only
-            # dial, and with it all growth, for ever.
-            with gevent.Timeout(self._dial_timeout, self._dial_timeout_error()):
-                conn.connect()
-        except BaseException as exc:
-            if conn is not None:
-                conn.disconnect()  # a handshake cut short leaves its socket open
-            if self._settle(ticket):
-                if isinstance(exc, Exception):  # a kill of the dial is no caller's error
-                    self._counters.dial_errors += 1
-                    self._last_dial_error = exc
-                    logger.debug("pool %r failed to open a connection: %s", self.name, exc)
-                    self._deliver_error(exc)
-                self._grow()
-            if not isinstance(exc, Exception):
-                raise
-            return
-        if not self._settle(ticket):
-            conn.disconnect()
-            return
-        self._counters.created += 1
-        self._last_dial_error = None
-        now = self._clock()
-        expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
-        slot = Slot(conn, now, expires_at)
-        if self._closed:
-            self._close_slot(slot, "pool_closed")
-            return
-        self._put(slot, now)
-        self._grow()
-
-    def _dial_timeout_error(self) -> Optional[BaseException]:
-        if self._dial_timeout is None:
-            return None
-        return redis.exceptions.TimeoutError(
-            f"pool {self.name!r} could not open a connection to {self._target()} within "
-            f"{self._dial_timeout:.2f} s (socket_connect_timeout)"
-        )
-
-    def _deliver_error(self, exc: BaseException) -> None:
-        # The oldest waiter learns why the pool could not grow, at once,
-        # rather than waiting out its timeout.
-        while self._waiters:
-            entry = self._waiters.popleft()
-            if not entry.cancelled:
-                self._nwaiting -= 1
-                entry.error = exc
-                entry.wake()
-                return
 
     # -- closing -----------------------------------------------------------
 
