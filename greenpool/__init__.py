@@ -3,6 +3,25 @@
 ``greenpool.BlockingConnectionPool`` is a drop-in ``connection_pool=`` for
 :class:`redis.Redis`. Start reading at :mod:`greenpool.pool`.
 
+Where each behaviour lives:
+
+- ``pool``: checkout, release, waiting, closing; the pool's state.
+- ``_dial``: opening connections in greenlets the pool owns.
+- ``_records``: the small records the pool keeps (slots, waiters, dials).
+- ``_tracking``: counting the replies a connection still owes.
+- ``_redispy``: what redis-py's client calls on a pool beyond checkout.
+- ``_fork``: rebuilding pools in a forked child.
+- ``maintenance``: the background greenlet (idle reaping, lifetimes,
+  ``min_idle``, keepalive PINGs, leak reports).
+- ``keepalive``: TCP keepalive socket options.
+- ``config``: the settings table, validation and environment parsing;
+  ``env``: pools and clients built from the environment.
+- ``stats``: counters and the ``stats()`` snapshot; ``errors``: exceptions.
+- ``sentinel``, ``cluster``: blocking pools for Redis Sentinel and Cluster.
+- ``contrib.locust``: a locust user with a shared pool.
+- ``cli`` (with ``_demo_command`` and ``demo``): the command line;
+  ``_server``: an embedded redis-server for the demo and the tests.
+
 The names below are imported on first use: ``python -m greenpool demo`` must
 monkey-patch gevent before redis-py (and through it ``ssl``) is imported,
 and importing the package is the first thing ``python -m`` does.
