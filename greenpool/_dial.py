@@ -16,10 +16,14 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import socket
+import traceback
 from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, cast
 
 import gevent
+import gevent.socket
 import redis
+from gevent.monkey import get_original
 
 from . import maintenance
 from ._records import DialTicket, Queued, Slot
@@ -34,9 +38,38 @@ logger = logging.getLogger("greenpool")
 #: as far as the load lasts (HikariCP's single "connection adder" thread).
 DIAL_CONCURRENCY = 1
 
+# The socket classes a connect can leave behind: gevent's (which its
+# SSLSocket extends) and the standard library's, patched or not.
+_SOCKET_TYPES = (gevent.socket.socket, get_original("socket", "socket"), socket.socket)
+
 #: Negative jitter on max_lifetime, as a fraction, so connections opened
 #: together are not all replaced together.
 _LIFETIME_JITTER = 0.1
+
+
+def close_sockets_in(exc: BaseException) -> None:
+    """Close the sockets a connect interrupted by *exc* left behind.
+
+    redis-py closes its socket when the connect fails with ``OSError`` or a
+    Redis error, and gevent's ``SSLSocket`` closes itself when its handshake
+    fails with ``OSError``; a kill, a ``gevent.Timeout`` or any other
+    exception in between skips both, and the socket (for TLS, the half-made
+    ``SSLSocket``, which took over the file descriptor) is left to the
+    garbage collector, kept open meanwhile by the exception's traceback.
+    Only the frames the connect ran in are searched, so every socket found
+    there is this dial's own. Closing twice is harmless.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            for value in list(frame.f_locals.values()):
+                if isinstance(value, _SOCKET_TYPES):
+                    try:
+                        value.close()
+                    except OSError:
+                        pass
+        exc = exc.__context__  # type: ignore[assignment]
 
 
 class DialMixin:
@@ -104,14 +137,24 @@ class DialMixin:
         conn = None
         try:
             conn = self.make_connection()
-            # Bound the whole dial, TCP connect and handshake: a server that
-            # accepts but never answers would otherwise hold the pool's only
-            # dial, and with it all growth, for ever.
-            with gevent.Timeout(self._dial_timeout, self._dial_timeout_error()):
-                conn.connect()
+            # Bound the whole dial, TCP connect, TLS and Redis handshakes,
+            # redis-py's own retries included: a server that accepts but
+            # never answers would otherwise hold the pool's only dial, and
+            # with it all growth, for ever. The Timeout is a BaseException
+            # until it leaves redis-py, so that no retry loop there takes it
+            # for a failed attempt and starts another, unbounded one.
+            with gevent.Timeout(self._dial_timeout) as timer:
+                try:
+                    conn.connect()
+                except gevent.Timeout as exc:
+                    if exc is not timer:
+                        raise
+                    close_sockets_in(exc)
+                    raise self._dial_timeout_error() from None
         except BaseException as exc:
             if conn is not None:
                 conn.disconnect()  # a handshake cut short leaves its socket open
+            close_sockets_in(exc)
             if self._settle(ticket):
                 if isinstance(exc, Exception):  # a kill of the dial is no caller's error
                     self._counters.dial_errors += 1
@@ -136,9 +179,7 @@ class DialMixin:
         self._put(slot, now)
         self._grow()
 
-    def _dial_timeout_error(self) -> Optional[BaseException]:
-        if self._dial_timeout is None:
-            return None
+    def _dial_timeout_error(self) -> BaseException:
         return redis.exceptions.TimeoutError(
             f"pool {self.name!r} could not open a connection to {self._target()} within "
             f"{self._dial_timeout:.2f} s (socket_connect_timeout)"

@@ -137,7 +137,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("socket_timeout", "duration", None, "redis-py's timeout for each socket "
        "read and write; none waits forever.", **_GT0, **_NONE),
     _s("socket_connect_timeout", "duration", 10.0, "How long opening a connection "
-       "may take, TCP connect and handshake; none waits forever.", **_GT0, **_NONE),
+       "may take: TCP connect, TLS and Redis handshakes, retries included; none waits forever.", **_GT0, **_NONE),
     _s("client_name", "str", None, "The name each connection gives itself with "
        "CLIENT SETNAME.", **_NONE),
 )

@@ -7,6 +7,8 @@ module so that conftest stays readable.
 from __future__ import annotations
 
 import socket
+import ssl
+from typing import Optional
 
 import gevent
 import gevent.pool
@@ -27,12 +29,18 @@ class TcpProxy:
     :attr:`connections` to see a client give up a connection.
 
     :param target: the ``(host, port)`` to forward to.
+    :param ssl_context: a server-side TLS context: the proxy then terminates
+        TLS, like a TLS-offloading load balancer in front of a plain Redis
+        (this machine's redis-server is built without TLS). A client whose
+        handshake fails is disconnected and counted in :attr:`tls_failures`.
     """
 
     host = "127.0.0.1"
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], ssl_context: Optional[ssl.SSLContext] = None) -> None:
         self.target = target
+        self.ssl_context = ssl_context
+        self.tls_failures = 0
         self._blackholed = False
         self._pairs: set[tuple[socket.socket, socket.socket]] = set()
         # One group holds the accept handlers and the pumps, so close() can
@@ -44,8 +52,9 @@ class TcpProxy:
 
     @property
     def url(self) -> str:
-        """A ``redis://`` URL that goes through the proxy."""
-        return f"redis://{self.host}:{self.port}/0"
+        """A ``redis://`` (``rediss://`` with TLS) URL that goes through the proxy."""
+        scheme = "redis" if self.ssl_context is None else "rediss"
+        return f"{scheme}://{self.host}:{self.port}/0"
 
     @property
     def connections(self) -> int:
@@ -84,6 +93,13 @@ class TcpProxy:
         )
 
     def _handle(self, client: socket.socket, _address: object) -> None:
+        if self.ssl_context is not None:
+            try:
+                client = self.ssl_context.wrap_socket(client, server_side=True)
+            except (ssl.SSLError, OSError):
+                self.tls_failures += 1
+                client.close()
+                return
         try:
             upstream = socket.create_connection(self.target, timeout=JOIN_TIMEOUT)
         except OSError:
