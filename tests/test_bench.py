@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
@@ -471,3 +472,49 @@ def test_old_redis_py_is_refused_with_one_line(capsys):
     """On redis-py 4.x the harness says it needs redis-py 5, and exits 2."""
     assert bench.main(["--quick"]) == 2
     assert "needs redis-py 5 or newer" in capsys.readouterr().err
+
+
+def test_guard_cost_removes_only_the_thread_check_and_runs(redis_url, capsys):
+    """benchmarks/guard_cost.py builds the shipped hot path minus the thread check, and runs."""
+    from benchmarks import guard_cost
+
+    unguarded = guard_cost.unguarded_pool_class()
+    for name in ("get_connection", "release"):
+        shipped = getattr(greenpool.BlockingConnectionPool, name).__code__
+        variant = getattr(unguarded, name).__code__
+        assert "_adopt_thread" in shipped.co_names and "_adopt_thread" not in variant.co_names
+        assert set(variant.co_names) == set(shipped.co_names) - {"_adopt_thread", "_thread_ident", "_thread"}
+    assert guard_cost.main(["--repeat", "1", "--iterations", "200", "--url", redis_url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["greenpool", "greenpool,", "redis.BlockingConnectionPool"]
+
+
+def test_readme_performance_figures_are_those_of_the_committed_run():
+    """README.rst's greenpool figures are read off the run it cites (benchmarks/run-*.jsonl)."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.rst").read_text(encoding="utf-8")
+    cited = re.findall(r"``benchmarks/(run-[\d-]+)\.txt``", readme)
+    assert len(cited) == 1, cited
+    summaries = {}
+    for line in (root / "benchmarks" / f"{cited[0]}.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["type"] == "summary":
+            cell = (record["params"].get("n"), record["params"].get("m"))
+            summaries[record["scenario"], cell, record["pool"]] = record
+
+    def figures(scenario, pool="greenpool", cell=(None, None)):
+        record = summaries[scenario, cell, pool]
+        return record["median"], {ref: vs["median"] for ref, vs in record["vs"].items()}
+
+    median, vs = figures("micro")
+    assert re.search(rf"greenpool +{median['ns_per_op']:,.0f} +{vs['redis-blocking']:.0f}x\n", readme)
+    cells = []
+    for cell in ((100, 8), (1000, 32)):
+        median, vs = figures("contended", cell=cell)
+        cells.append(f"{median['ops_per_s']:,.0f} \\({vs['pinned']:.2f}x, {vs['redis-blocking']:.2f}x\\)")
+    assert re.search(r"greenpool +" + " +".join(cells) + "\n", readme)
+    median, _ = figures("fairness", cell=(200, 4))
+    fairness = f"{median['timeouts']:.0f} +{median['starved']:.0f} +{median['jain']:.3f} +{median['gap_ratio']:.1f}"
+    assert re.search(rf"greenpool +{fairness}\n", readme)
+    median, _ = figures("spike")
+    assert re.search(rf"greenpool +{median['opened']:.0f}\n", readme)
