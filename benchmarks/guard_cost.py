@@ -38,6 +38,8 @@ import greenpool
 from greenpool import pool as pool_module
 from greenpool._server import RedisServer
 
+from .scenarios import checkout_args
+
 GUARD = "if _thread_ident() != self._thread:\n    self._adopt_thread()\n"
 
 
@@ -58,10 +60,10 @@ def unguarded_pool_class() -> type:
 
 def timed_loop(pool: Any, iterations: int) -> float:
     """Nanoseconds per pool.release(pool.get_connection())."""
-    get, release = pool.get_connection, pool.release
+    get, release, args = pool.get_connection, pool.release, checkout_args(pool)
     start = perf_counter()
     for _ in range(iterations):
-        release(get())
+        release(get(*args))
     return (perf_counter() - start) / iterations * 1e9
 
 
@@ -81,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         }
         pools = {name: build() for name, build in builders.items()}
         for pool in pools.values():
-            pool.release(pool.get_connection())  # warm: one idle connection
+            pool.release(pool.get_connection(*checkout_args(pool)))  # warm: one idle connection
         results: Dict[str, List[float]] = {name: [] for name in pools}
         for _ in range(args.repeat):
             for name, pool in pools.items():

@@ -56,8 +56,10 @@ def close_sockets_in(exc: BaseException) -> None:
     exception in between skips both, and the socket (for TLS, the half-made
     ``SSLSocket``, which took over the file descriptor) is left to the
     garbage collector, kept open meanwhile by the exception's traceback.
-    Only the frames the connect ran in are searched, so every socket found
-    there is this dial's own. Closing twice is harmless.
+    Only the frames on the stack when the connect was cut short are
+    searched, so every socket found there was being opened by this dial or
+    was in the middle of I/O for it (a Sentinel master lookup), and is
+    unusable either way: cut off mid-reply. Closing twice is harmless.
     """
     seen = set()
     while exc is not None and id(exc) not in seen:
