@@ -30,7 +30,7 @@ import statistics
 import sys
 import textwrap
 from time import perf_counter
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import redis
 
@@ -76,12 +76,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     server = None if args.url else RedisServer().start()
     url = args.url or server.url  # type: ignore[union-attr]
     try:
-        builders: Dict[str, Callable[[], Any]] = {
-            "greenpool": lambda: greenpool.BlockingConnectionPool.from_url(url, max_connections=8),
-            "greenpool, no thread guard": lambda: unguarded_pool_class().from_url(url, max_connections=8),
-            "redis.BlockingConnectionPool": lambda: redis.BlockingConnectionPool.from_url(url, max_connections=8),
+        classes = {
+            "greenpool": greenpool.BlockingConnectionPool,
+            "greenpool, no thread guard": unguarded_pool_class(),
+            "redis.BlockingConnectionPool": redis.BlockingConnectionPool,
         }
-        pools = {name: build() for name, build in builders.items()}
+        pools = {name: cls.from_url(url, max_connections=8) for name, cls in classes.items()}
         for pool in pools.values():
             pool.release(pool.get_connection(*checkout_args(pool)))  # warm: one idle connection
         results: Dict[str, List[float]] = {name: [] for name in pools}

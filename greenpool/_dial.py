@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import logging
 import random
-import socket
 import traceback
 from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, cast
 
@@ -39,8 +38,8 @@ logger = logging.getLogger("greenpool")
 DIAL_CONCURRENCY = 1
 
 # The socket classes a connect can leave behind: gevent's (which its
-# SSLSocket extends) and the standard library's, patched or not.
-_SOCKET_TYPES = (gevent.socket.socket, get_original("socket", "socket"), socket.socket)
+# SSLSocket extends; socket.socket once patched) and the standard library's.
+_SOCKET_TYPES = (gevent.socket.socket, get_original("socket", "socket"))
 
 #: Negative jitter on max_lifetime, as a fraction, so connections opened
 #: together are not all replaced together.
@@ -151,7 +150,7 @@ class DialMixin:
                 except gevent.Timeout as exc:
                     if exc is not timer:
                         raise
-                    close_sockets_in(exc)
+                    # (Its sockets are closed below: __context__ keeps it.)
                     raise self._dial_timeout_error() from None
         except BaseException as exc:
             if conn is not None:
