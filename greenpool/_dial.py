@@ -1,34 +1,35 @@
 """Opening connections: dials run in greenlets the pool owns.
 
-A caller never connects in its own greenlet. When callers wait and the
-pool may grow, the pool starts a dial; its connection goes to the oldest
-waiter (or the idle set), so a caller that is killed or gives up leaves no
-half-opened socket, and a connection released meanwhile serves a waiter
-while the dial proceeds. Dials run one at a time while callers wait, which
-damps a spike: the pool grows only as far as the load lasts.
-
-:class:`DialMixin` is part of :class:`greenpool.BlockingConnectionPool`;
-it works on the pool's state (see :mod:`greenpool.pool`).
+A caller never connects in its own greenlet. The core decides when a dial
+starts (a ``DIAL`` action with a ticket); the pool's :class:`Dialer` runs it
+in a greenlet and reports the outcome to the core, which hands the new
+connection to the oldest waiter or the idle set. So a caller that is killed
+or gives up leaves no half-opened socket, and a connection released
+meanwhile serves a waiter while the dial proceeds. The core runs dials one
+at a time while callers wait, which damps a spike: the pool grows only as
+far as the load lasts.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import random
 import traceback
-from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, cast
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import gevent
 import gevent.socket
 import redis
 from gevent.monkey import get_original
 
-from . import maintenance
-from ._records import DialTicket, Queued, Slot
-from .stats import Counters
+from . import _redispy
+from .core import DialTicket
 
-__all__ = ["DialMixin", "DIAL_CONCURRENCY"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .pool import BlockingConnectionPool
+
+__all__ = ["Dialer", "DIAL_CONCURRENCY", "close_sockets_in"]
 
 logger = logging.getLogger("greenpool")
 
@@ -41,9 +42,14 @@ DIAL_CONCURRENCY = 1
 # SSLSocket extends; socket.socket once patched) and the standard library's.
 _SOCKET_TYPES = (gevent.socket.socket, get_original("socket", "socket"))
 
-#: Negative jitter on max_lifetime, as a fraction, so connections opened
-#: together are not all replaced together.
-_LIFETIME_JITTER = 0.1
+
+def _sockets_in(frame: Optional[FrameType]) -> List[Any]:
+    """The sockets held by the local variables of *frame* and its callers."""
+    found: List[Any] = []
+    while frame is not None:
+        found.extend(v for v in list(frame.f_locals.values()) if isinstance(v, _SOCKET_TYPES))
+        frame = frame.f_back
+    return found
 
 
 def close_sockets_in(exc: BaseException) -> None:
@@ -73,126 +79,96 @@ def close_sockets_in(exc: BaseException) -> None:
         exc = exc.__context__  # type: ignore[assignment]
 
 
-class DialMixin:
-    """Starting, finishing and accounting for the pool's dials."""
+class _InFlight:
+    """The shell's side of one dial: its greenlet and connection object."""
 
-    # The pool's state this mixin works on (greenpool.pool sets it).
-    name: str
-    max_connections: int
-    _closed: bool
-    _dialling: int
-    _dial_limit: int
-    _dial_timeout: Optional[float]
-    _max_lifetime: float
-    _nwaiting: int
-    _waiters: Deque[Queued]
-    _generation: object
-    _counters: Counters
-    _last_dial_error: Optional[BaseException]
-    _maintenance: Optional[maintenance.Maintenance]
-    _clock: Callable[[], float]
+    __slots__ = ("greenlet", "conn")
 
-    if TYPE_CHECKING:  # the pool's methods this mixin calls
+    def __init__(self) -> None:
+        self.greenlet: Any = None
+        self.conn: Any = None
 
-        def _size(self) -> int: ...
-        def _target(self) -> str: ...
-        def make_connection(self) -> Any: ...
-        def _put(self, slot: Slot, now: float) -> None: ...
-        def _close_slot(self, slot: Slot, reason: str) -> None: ...
 
-    def _grow(self) -> None:
-        """Start a dial if callers wait that dials in flight will not serve."""
-        while (
-            self._nwaiting > self._dialling
-            and self._dialling < self._dial_limit
-            and self._size() < self.max_connections
-            and not self._closed
-        ):
-            self._start_dial()
+class Dialer:
+    """Runs the dials the core asks for, each in a greenlet of the pool's."""
 
-    def _start_dial(self) -> None:
-        self._dialling += 1
-        if self._maintenance is None:
-            self._maintenance = maintenance.start(cast(Any, self))
-        ticket = DialTicket(self._generation)
-        dial = gevent.spawn(self._dial, ticket)
-        dial.name = f"{self.name}-dial"
+    def __init__(self, pool: "BlockingConnectionPool") -> None:
+        self._pool = pool
+        self._in_flight: Dict[DialTicket, _InFlight] = {}
+
+    def start(self, ticket: DialTicket) -> None:
+        """Run the dial of *ticket* (a ``DIAL`` action of the core)."""
+        record = self._in_flight[ticket] = _InFlight()
+        dial = record.greenlet = gevent.spawn(self._run, ticket, record)
+        dial.name = f"{self._pool.name}-dial"
         # A dial killed before it ever ran (gevent.killall at shutdown) skips
-        # _dial's own bookkeeping: this link gives its slot back.
-        dial.rawlink(functools.partial(self._dial_ended, ticket))
+        # _run's own bookkeeping: this link gives its slot back.
+        dial.rawlink(functools.partial(self._ended, ticket))
 
-    def _settle(self, ticket: DialTicket) -> bool:
-        """Count a dial as finished, once; False if it belongs to a past generation."""
-        if ticket.settled or ticket.generation is not self._generation:
-            ticket.settled = True
-            return False
-        ticket.settled = True
-        self._dialling -= 1
-        return True
+    def _ended(self, ticket: DialTicket, _dial: Any) -> None:
+        self._in_flight.pop(ticket, None)
+        pool = self._pool
+        pool._core.dial_failed(ticket, None)  # a no-op once the dial settled
+        pool._act()
 
-    def _dial_ended(self, ticket: DialTicket, _dial: Any) -> None:
-        if self._settle(ticket):
-            self._grow()
-
-    def _dial(self, ticket: DialTicket) -> None:
+    def _run(self, ticket: DialTicket, record: _InFlight) -> None:
+        pool = self._pool
+        core = pool._core
+        timeout = pool._dial_timeout
         conn = None
         try:
-            conn = self.make_connection()
+            conn = record.conn = pool.make_connection()
             # Bound the whole dial, TCP connect, TLS and Redis handshakes,
             # redis-py's own retries included: a server that accepts but
             # never answers would otherwise hold the pool's only dial, and
             # with it all growth, for ever. The Timeout is a BaseException
             # until it leaves redis-py, so that no retry loop there takes it
             # for a failed attempt and starts another, unbounded one.
-            with gevent.Timeout(self._dial_timeout) as timer:
+            with gevent.Timeout(timeout) as timer:
                 try:
                     conn.connect()
                 except gevent.Timeout as exc:
                     if exc is not timer:
                         raise
                     # (Its sockets are closed below: __context__ keeps it.)
-                    raise self._dial_timeout_error() from None
+                    raise redis.exceptions.TimeoutError(
+                        f"pool {pool.name!r} could not open a connection to {pool._target()} "
+                        f"within {timeout:.2f} s (socket_connect_timeout)"
+                    ) from None
         except BaseException as exc:
             if conn is not None:
                 conn.disconnect()  # a handshake cut short leaves its socket open
             close_sockets_in(exc)
-            if self._settle(ticket):
-                if isinstance(exc, Exception):  # a kill of the dial is no caller's error
-                    self._counters.dial_errors += 1
-                    self._last_dial_error = exc
-                    logger.debug("pool %r failed to open a connection: %s", self.name, exc)
-                    self._deliver_error(exc)
-                self._grow()
-            if not isinstance(exc, Exception):
+            # A kill of the dial is no caller's error.
+            error = exc if isinstance(exc, Exception) else None
+            if error is not None and ticket.generation == core.generation:
+                logger.debug("pool %r failed to open a connection: %s", pool.name, exc)
+            core.dial_failed(ticket, error)
+            pool._act()
+            if error is None:
                 raise
             return
-        if not self._settle(ticket):
-            conn.disconnect()
+        if core.dial_done(ticket, conn, _redispy.raw_connection(conn)) is None:
+            conn.disconnect()  # of a past generation, or settled by a kill
             return
-        self._counters.created += 1
-        self._last_dial_error = None
-        now = self._clock()
-        expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
-        slot = Slot(conn, now, expires_at)
-        if self._closed:
-            self._close_slot(slot, "pool_closed")
-            return
-        self._put(slot, now)
-        self._grow()
+        pool._act()
 
-    def _dial_timeout_error(self) -> BaseException:
-        return redis.exceptions.TimeoutError(
-            f"pool {self.name!r} could not open a connection to {self._target()} within "
-            f"{self._dial_timeout:.2f} s (socket_connect_timeout)"
-        )
+    def after_fork_in_child(self) -> List[Any]:
+        """In a forked child: make the parent's dials harmless here.
 
-    def _deliver_error(self, exc: BaseException) -> None:
-        # The oldest waiter learns why the pool could not grow, at once,
-        # rather than waiting out its timeout.
-        while self._waiters:
-            entry = self._waiters.popleft()
-            if not entry.cancelled:
-                self._nwaiting -= 1
-                entry.error = exc
-                entry.wake()
-                return
+        Every socket a dial in flight holds (its connection's, and those in
+        the locals of its suspended greenlet, for a connect or TLS handshake
+        not yet finished) is pointed at ``/dev/null`` in this process, so the
+        greenlet's copy fails here without touching the parent's socket, and
+        the core, in a new generation, ignores what it reports. Returns the
+        dials' connection objects, for their fds to be closed later.
+        """
+        conns = []
+        for record in self._in_flight.values():
+            sockets = _sockets_in(getattr(record.greenlet, "gr_frame", None))
+            if record.conn is not None:
+                conns.append(record.conn)
+                sockets += _redispy.sockets_of(_redispy.raw_connection(record.conn))
+            _redispy.neutralize(sockets)
+        self._in_flight.clear()
+        return conns

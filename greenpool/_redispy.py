@@ -1,62 +1,153 @@
-"""What redis-py's client, Sentinel and maintenance notifications expect of
-a pool, on top of checkout and release: kept apart so :mod:`greenpool.pool`
-reads as the pool's own logic.
+"""Every place greenpool touches redis-py's private parts, in one module.
+
+redis-py's pool and connection classes have no public way to ask whether a
+connection still has its socket, to unwrap the client-side cache's proxy, or
+to know the process a connection was opened in; greenpool needs all three.
+They are read here and nowhere else, so a redis-py upgrade that renames one
+breaks one module, and ``tests/test_redispy_interface.py`` lists what each
+supported redis-py version's ``ConnectionPool`` defines, so a new method
+there is either overridden by greenpool or reviewed in :data:`INHERITED`.
+
+Reads: ``Connection._sock`` (the socket, None once disconnected),
+``CacheProxyConnection._conn`` (the connection behind the cache proxy),
+``Connection.pid`` (the process that created it), ``ConnectionPool._lock``
+(what redis-py's cache proxy locks). Side effects relied upon: the base
+``ConnectionPool.__init__`` (see :func:`init_base`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Set
+import os
+from typing import Any, Iterable, List, Optional
 
-__all__ = ["RedisPyPoolMixin"]
+import redis
+from gevent.monkey import get_original
+
+__all__ = [
+    "INHERITED", "init_base", "make_connection", "raw_connection", "sockets_of",
+    "is_ready", "retire_reason", "from_before_fork", "neutralize",
+]
+
+_poll = get_original("select", "poll")
+_POLLIN = 0x001 | 0x008 | 0x010  # POLLIN | POLLERR | POLLHUP
+
+#: The methods of :class:`redis.ConnectionPool` (any supported version) that
+#: greenpool's pool inherits unchanged, and why that is right. Every other
+#: method redis-py defines is overridden; the interface test enforces it.
+INHERITED = {
+    "get_encoder": "reads connection_kwargs only",
+    "get_protocol": "reads connection_kwargs only",
+    "get_connection_count": "redis-py 8 observability; built on _get_free/_get_in_use_connections",
+    "_get_pool_lock": "returns redis-py's _lock, which its cache proxy and maintenance code take",
+    "_mock": "a no-op error callback for Retry objects",
+    "connection_kwargs": "redis-py 8's maintenance-notification property over _connection_kwargs",
+    "__enter__": "redis-py 5+: returns the pool (ours is defined too)",
+    "__exit__": "redis-py 5+: closes the pool (ours is defined too)",
+}
 
 
-class RedisPyPoolMixin:
-    """Methods redis-py calls on a pool, over greenpool's idle and in-use records."""
+def init_base(pool: Any, connection_class: type, connection_kwargs: dict) -> None:
+    """Run redis-py's ``ConnectionPool.__init__`` on *pool*.
 
-    connection_kwargs: Dict[str, Any]
-    cache: Any = None  # redis-py >= 5.1 sets it; 4.6 has no client-side cache
-    _lock: Any
-    _tracked_class: type
-    _idle: List[Any]
-    _in_use: Dict[Any, Any]
+    It sets up what redis-py's client expects of a pool: ``connection_kwargs``,
+    the encoder settings, the protocol, the client-side cache (redis-py 5.1+),
+    maintenance notifications (7+), ``_lock``, ``pid``; then calls
+    ``pool.reset()``, which must work on the freshly built core.
+    """
+    redis.ConnectionPool.__init__(pool, connection_class=connection_class, **connection_kwargs)
 
-    def make_connection(self) -> Any:
-        """Create a connection object (not yet connected); used by dials."""
-        conn = self._tracked_class(**self.connection_kwargs)
-        if self.cache is not None:
-            from redis.connection import CacheProxyConnection
 
-            conn = CacheProxyConnection(conn, self.cache, self._lock)  # type: ignore[abstract]
-        return conn
+def make_connection(pool: Any, connection_class: type) -> Any:
+    """A new, unconnected connection, wrapped in redis-py's cache proxy if
+    the pool has a client-side cache."""
+    conn = connection_class(**pool.connection_kwargs)
+    cache = getattr(pool, "cache", None)  # redis-py >= 5.1; 4.6 has none
+    if cache is not None:
+        from redis.connection import CacheProxyConnection
 
-    def _checkpid(self) -> None:
-        # Fork safety comes from os.register_at_fork (see greenpool._fork), so
-        # no getpid() syscall is needed on every checkout.
-        pass
+        conn = CacheProxyConnection(conn, cache, pool._lock)  # type: ignore[abstract]
+    return conn
 
-    def owns_connection(self, connection: Any) -> bool:
-        return connection in self._in_use or any(s.conn is connection for s in self._idle)
 
-    # redis-py's client and maintenance notifications call these.
+def raw_connection(conn: Any) -> Any:
+    """The connection that talks to the socket (inside a cache proxy)."""
+    return getattr(conn, "_conn", conn)
 
-    def _get_free_connections(self) -> List[Any]:
-        return [slot.conn for slot in self._idle]
 
-    def _get_in_use_connections(self) -> Set[Any]:
-        return set(self._in_use)
+def sockets_of(raw: Any) -> List[Any]:
+    """The socket *raw* holds, if any."""
+    sock = raw._sock
+    return [] if sock is None else [sock]
 
-    def set_retry(self, retry: Any) -> None:
-        self.connection_kwargs.update({"retry": retry})
-        for conn in self._get_free_connections() + list(self._in_use):
-            conn.retry = retry
 
-    def re_auth_callback(self, token: Any) -> None:
-        # Idle connections re-authenticate when next lent (redis-py checks the
-        # token before each command); sending AUTH here would need I/O inside
-        # the pool's bookkeeping.
-        for conn in self._get_free_connections() + list(self._in_use):
-            conn.set_re_auth_token(token)
+def is_ready(raw: Any) -> bool:
+    """Whether an idle connection is fit to lend: connected, and nothing to read.
 
-    def __del__(self) -> None:
-        # redis-py's __del__ records metrics about its own lists; ours has none.
-        pass
+    A zero-timeout poll of the real fd: a system call, but never a hub round
+    trip. Readable means EOF (the server closed it) or data nobody asked
+    for; either way the connection is not clean.
+    """
+    sock = raw._sock
+    if sock is None:
+        return False
+    poller = _poll()
+    try:
+        poller.register(sock.fileno(), _POLLIN)
+        return not poller.poll(0)
+    except (OSError, ValueError):
+        return False
+
+
+def retire_reason(raw: Any) -> Optional[str]:
+    """Why a connection coming back must close (a PoolStats.closed key), or None.
+
+    ``_greenpool_owed``, ``_greenpool_broken`` and ``_greenpool_reconnect``
+    are greenpool's own (see :mod:`greenpool._tracking`); release() reads
+    them inline and calls this only when one is set. ``_sock`` is redis-py's:
+    a connection disconnected and then reconnected (redis-py does so on
+    its own before a command) is healthy again.
+    """
+    if raw._greenpool_owed:
+        return "dirty"
+    if raw._sock is None:
+        return "broken"
+    raw._greenpool_broken = False  # reconnected since
+    if raw._greenpool_reconnect:
+        return "reconnect"
+    return None
+
+
+def from_before_fork(conn: Any, orphans: List[Any]) -> bool:
+    """Whether *conn* was opened in the parent of this (forked) process."""
+    return conn in orphans or getattr(conn, "pid", None) != os.getpid()
+
+
+def neutralize(sockets: Iterable[Any]) -> None:
+    """Point each socket's file descriptor at ``/dev/null``, in this process only.
+
+    Used in a forked child for the sockets it shares with its parent: a
+    copied greenlet that goes on reading or writing one then reads EOF and
+    writes nowhere, instead of taking the parent's replies or interleaving
+    commands with it. The parent's socket is not touched (no shutdown, no
+    I/O); the descriptor number stays taken until the child closes it, so
+    it cannot be reused for a new socket under a greenlet that still holds
+    it. Only system calls: safe inside a fork handler.
+    """
+    devnull = -1
+    try:
+        for sock in sockets:
+            try:
+                fd = sock.fileno()
+            except (OSError, ValueError):
+                continue
+            if fd < 0:
+                continue
+            if devnull < 0:
+                devnull = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(devnull, fd)
+            except OSError:
+                pass
+    finally:
+        if devnull >= 0:
+            os.close(devnull)

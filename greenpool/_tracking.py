@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Type
 
 from redis.exceptions import ResponseError
 
-__all__ = ["tracked_class", "owed_replies", "ReplyTracking", "ReconnectTracking"]
+__all__ = ["tracked_class", "ReplyTracking", "ReconnectTracking"]
 
 
 class _PackedCommands(List[Any]):
@@ -62,11 +62,19 @@ class ReplyTracking:
     #: by release() on every connection, so defined here too.
     _greenpool_reconnect = False
 
+    #: Set by every disconnect, so that release() learns a connection lost
+    #: its socket from an attribute of greenpool's own. redis-py reconnects
+    #: by several paths (``connect``, ``connect_check_health``), so the flag
+    #: is not cleared on connect: release() then asks
+    #: :func:`greenpool._redispy.sockets_of` and clears it (the rare path).
+    _greenpool_broken = False
+
     def disconnect(self, *args: Any, **kwargs: Any) -> None:
         try:
             super().disconnect(*args, **kwargs)  # type: ignore[misc]
         finally:
             self._greenpool_owed = 0
+            self._greenpool_broken = True
 
 
 class ReconnectTracking:
@@ -110,8 +118,3 @@ def tracked_class(connection_class: Type[Any]) -> Type[Any]:
     _CLASSES[connection_class] = cls
     return cls
 
-
-def owed_replies(connection: Any) -> int:
-    """Replies *connection* still owes, looking through redis-py's cache proxy."""
-    inner = getattr(connection, "_conn", connection)
-    return getattr(inner, "_greenpool_owed", 0)

@@ -184,7 +184,7 @@ def _config(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import redis
 
-    from . import config, keepalive
+    from . import _redispy, config, keepalive
     from .env import from_env
 
     resolved = _resolve(args.url)
@@ -204,9 +204,8 @@ def _check(args: argparse.Namespace) -> int:
         version = client.info("server").get("redis_version", "unknown")
         conn = pool.get_connection()
         try:
-            # redis-py's client-side cache wraps the connection in a proxy.
-            sock = getattr(conn, "_conn", conn)._sock
-            live = keepalive.read_options(sock) if sock is not None else None
+            sockets = _redispy.sockets_of(_redispy.raw_connection(conn))
+            live = keepalive.read_options(sockets[0]) if sockets else None
         finally:
             pool.release(conn)
     except (redis.RedisError, OSError) as exc:

@@ -142,9 +142,9 @@ class ClusterNodePool(BlockingConnectionPool):
         if (
             command is not None
             and command.holding
-            and not self._idle
-            and self._size() >= self.max_connections
-            and any(c in self._in_use for c in command.holding)
+            and not self._core.idle
+            and self._core.size >= self.max_connections
+            and any(c in self._core.out for c in command.holding)
         ):
             raise NodePoolTimeout(
                 f"no connection from pool {self.name!r}: all {self.max_connections} are "

@@ -2,10 +2,12 @@
 
 Split three ways so tests can drive it with a fake clock and never sleep:
 
-- *decide* (:func:`plan`): under the pool's bookkeeping (no yield), pick the
-  idle connections to close or ping, the dials needed for ``min_idle`` and
-  the leaks to report. A pure function of the pool's state and ``now``.
-- *act* (:func:`run_once`): close, ping and dial outside the decision.
+- *decide* (:func:`plan`): pick the idle connections to close or ping, the
+  dials needed for ``min_idle`` and the leaks to report: a pure function of
+  a frozen :class:`Snapshot` of the core, ``now`` and the settings.
+- *act* (:func:`run_once`): apply the plan through the core (which moves
+  each chosen slot out of the idle set first, so no caller is lent one
+  being closed or pinged), then close, dial and ping.
 - *schedule* (:class:`Maintenance`): a greenlet that only loops and waits.
 
 The greenlet is started on the pool's first dial (never at import or
@@ -22,17 +24,20 @@ import logging
 import traceback
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Tuple
 
 import gevent
 import redis
 from gevent.hub import Waiter, get_hub
 
+from . import _redispy
+from .core import LENT
+
 if TYPE_CHECKING:  # pragma: no cover
-    from ._records import Slot as _Slot
+    from .core import PoolCore, Slot
     from .pool import BlockingConnectionPool
 
-__all__ = ["Plan", "plan", "run_once", "period", "Maintenance", "start"]
+__all__ = ["SlotView", "Snapshot", "snapshot", "Plan", "plan", "run_once", "period", "Maintenance", "start"]
 
 logger = logging.getLogger("greenpool")
 
@@ -44,55 +49,92 @@ _MIN_PERIOD = 0.05
 _MAX_PERIOD = 30.0
 
 
+@dataclass(frozen=True)
+class SlotView:
+    """What maintenance needs to know of one connection, frozen."""
+
+    slot: "Slot"
+    idle_since: float
+    expires_at: float
+    lent_at: float
+    leak_reported: bool
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The pool's state as maintenance sees it, at one instant."""
+
+    idle: Tuple[SlotView, ...]  # oldest-idle first
+    lent: Tuple[SlotView, ...]  # LENT slots only
+    size: int
+    dialling: int
+    max_connections: int
+    closed: bool
+
+
+def snapshot(core: "PoolCore") -> Snapshot:
+    """Freeze what :func:`plan` reads of *core*."""
+
+    def view(slot: "Slot") -> SlotView:
+        return SlotView(slot, slot.idle_since, slot.expires_at, slot.lent_at, slot.leak_reported)
+
+    return Snapshot(
+        idle=tuple(view(s) for s in sorted(core.idle, key=lambda s: s.idle_since)),
+        lent=tuple(view(s) for s in core.out.values() if s.state is LENT),
+        size=core.size,
+        dialling=core.dialling,
+        max_connections=core.max_connections,
+        closed=core.closed_flag,
+    )
+
+
 @dataclass
 class Plan:
     """What one maintenance run will do."""
 
-    close_idle: List["_Slot"] = field(default_factory=list)  # beyond min_idle, idle too long
-    close_expired: List["_Slot"] = field(default_factory=list)  # past max_lifetime
-    ping: List["_Slot"] = field(default_factory=list)  # idle past keepalive_ping_interval
-    leaks: List["_Slot"] = field(default_factory=list)  # held past the leak threshold
-    dials: int = 0  # to bring the pool up to min_idle
+    close_idle: List["Slot"] = field(default_factory=list)  # beyond min_idle, idle too long
+    close_expired: List["Slot"] = field(default_factory=list)  # past max_lifetime
+    ping: List["Slot"] = field(default_factory=list)  # idle past keepalive_ping_interval
+    leaks: List["Slot"] = field(default_factory=list)  # held past the leak threshold
+    dials: int = 0  # to bring the pool up to min_idle, within max_connections
 
 
-def plan(pool: "BlockingConnectionPool", now: float) -> Plan:
-    """Decide, without I/O or yielding, what maintenance is due at *now*.
+def plan(snap: Snapshot, now: float, options: Mapping[str, Any]) -> Plan:
+    """Decide what maintenance is due at *now*: a pure function of its arguments.
 
-    The chosen idle connections are removed from the idle set, so no caller
-    can be lent one while it is being closed or pinged.
+    *options* are the pool's settings (``idle_timeout``, ``min_idle``,
+    ``keepalive_ping_interval``, ``leak_detection_threshold``).
     """
-    opts = pool.options
     result = Plan()
-    if pool._closed:
+    if snap.closed:
         return result
-    idle_timeout = opts["idle_timeout"]
-    ping_interval = opts["keepalive_ping_interval"]
-    min_idle = opts["min_idle"]
-    keep: List["_Slot"] = []
+    idle_timeout = options["idle_timeout"]
+    ping_interval = options["keepalive_ping_interval"]
+    min_idle = options["min_idle"]
     # Oldest-idle first, so the connections kept for min_idle are the
     # freshest and those reaped are the stalest.
-    for slot in sorted(pool._idle, key=lambda s: s.idle_since):
-        removable = len(pool._idle) - len(result.close_idle) - len(result.close_expired) > min_idle
-        if now >= slot.expires_at:
-            result.close_expired.append(slot)
-        elif removable and idle_timeout is not None and now - slot.idle_since >= idle_timeout:
-            result.close_idle.append(slot)
-        elif ping_interval is not None and now - max(slot.idle_since, slot.lent_at) >= ping_interval:
-            result.ping.append(slot)
-        else:
-            keep.append(slot)
-    keep.sort(key=lambda s: s.idle_since)  # LIFO order: most recently used last
-    pool._idle[:] = keep
-    threshold = opts["leak_detection_threshold"]
+    for view in snap.idle:
+        closing = len(result.close_idle) + len(result.close_expired)
+        removable = len(snap.idle) - closing > min_idle
+        if now >= view.expires_at:
+            result.close_expired.append(view.slot)
+        elif removable and idle_timeout is not None and now - view.idle_since >= idle_timeout:
+            result.close_idle.append(view.slot)
+        elif ping_interval is not None and now - max(view.idle_since, view.lent_at) >= ping_interval:
+            result.ping.append(view.slot)
+    threshold = options["leak_detection_threshold"]
     if threshold is not None:
-        for slot in pool._in_use.values():
-            if not slot.leak_reported and slot.holder is not None and now - slot.lent_at >= threshold:
-                slot.leak_reported = True
-                result.leaks.append(slot)
-    # Expired connections are replaced: count them as gone.
-    remaining = pool._size() - len(result.close_expired)
-    wanted = min(min_idle, pool.max_connections) - (len(keep) + len(result.ping) + pool._dialling)
-    result.dials = max(0, min(wanted, pool.max_connections - remaining))
+        result.leaks = [
+            v.slot for v in snap.lent if not v.leak_reported and now - v.lent_at >= threshold
+        ]
+    # After the closes: the idle connections left (pinged ones come back)
+    # plus dials in flight should reach min_idle, and the pool must stay
+    # within its bound. Every closed connection leaves the size once.
+    closes = len(result.close_idle) + len(result.close_expired)
+    kept = len(snap.idle) - closes
+    room = snap.max_connections - (snap.size - closes)
+    wanted = min(min_idle, snap.max_connections) - kept - snap.dialling
+    result.dials = max(0, min(wanted, room))
     return result
 
 
@@ -103,29 +145,28 @@ def run_once(pool: "BlockingConnectionPool", now: Optional[float] = None) -> Pla
     if pool._orphans:
         orphans, pool._orphans = pool._orphans, []
         for conn in orphans:
-            # A connection inherited over fork: redis-py skips shutdown() when
-            # the pid differs, so this only closes the child's copy of the fd.
+            # A connection inherited over fork, its fd already pointed at
+            # /dev/null here: this closes the child's copy only.
             conn.disconnect()
-    decided = plan(pool, now)
+    core = pool._core
+    decided = plan(snapshot(core), now, pool.options)
     for slot in decided.close_expired:
-        pool._close_slot(slot, "expired")
+        core.reap(slot, "expired")
     for slot in decided.close_idle:
-        pool._close_slot(slot, "idle")
+        core.reap(slot, "idle")
     for slot in decided.leaks:
-        _report_leak(pool, slot, now)
-    for _ in range(decided.dials):
-        pool._start_dial()
+        if core.report_leak(slot):
+            _report_leak(pool, slot, now)
+    pool._act()  # the closes, before the dials that replace them
+    core.fill(decided.dials)
+    pool._act()
     for slot in decided.ping:
-        _ping(pool, slot)
-    if decided.close_expired or decided.close_idle:
-        pool._grow()
+        if core.begin_ping(slot):
+            _ping(pool, slot)
     return decided
 
 
-def _ping(pool: "BlockingConnectionPool", slot: "_Slot") -> None:
-    idle_since = slot.idle_since
-    pool._in_use[slot.conn] = slot
-    slot.holder = gevent.getcurrent()
+def _ping(pool: "BlockingConnectionPool", slot: "Slot") -> None:
     # Our own bound, so a silent peer cannot stall maintenance for ever (the
     # connection may have no socket_timeout); redis-py closes the connection
     # when the Timeout interrupts the read.
@@ -135,21 +176,16 @@ def _ping(pool: "BlockingConnectionPool", slot: "_Slot") -> None:
     try:
         slot.conn.send_command("PING", check_health=False)
         slot.conn.read_response()
-    except Exception as exc:  # redis-py disconnected it; release retires it
+    except Exception as exc:  # redis-py disconnected it; ping_done closes it
         logger.info("pool %r: keepalive PING failed, closing the connection: %s", pool.name, exc)
     finally:
         # Even if this greenlet is killed mid-PING: the slot goes back.
         timeout.close()
-        slot.lent_at = pool._clock()
-        pool.release(slot.conn)
-        pool._counters.pings += 1
-    if slot in pool._idle:
-        # A keepalive ping is not a use: it must not defer idle reaping.
-        slot.idle_since = idle_since
+        pool._core.ping_done(slot, _redispy.retire_reason(slot.raw))
+        pool._act()
 
 
-def _report_leak(pool: "BlockingConnectionPool", slot: "_Slot", now: float) -> None:
-    pool._counters.leaks += 1
+def _report_leak(pool: "BlockingConnectionPool", slot: "Slot", now: float) -> None:
     checkout = "".join(traceback.format_list(slot.stack or []))
     holder = slot.holder
     frame = getattr(holder, "gr_frame", None)
@@ -191,7 +227,7 @@ class Maintenance:
     def _run(self) -> None:
         while not self._stopped:
             pool = self._pool_ref()
-            if pool is None or pool._closed:
+            if pool is None or pool.closed:
                 return
             try:
                 run_once(pool)
@@ -221,6 +257,13 @@ class Maintenance:
         """Stop the greenlet at its next wait, which is now if it is waiting."""
         self._stopped = True
         self.wake()
+
+    def abandon(self) -> None:
+        """In a forked child: the greenlet's copy exits whenever it wakes.
+
+        (No hub calls: this runs inside ``os.fork()``.)
+        """
+        self._stopped = True
 
 
 def start(pool: "BlockingConnectionPool") -> Maintenance:

@@ -1,26 +1,22 @@
-"""The pool: checkout, release, waiting, closing and the pool's state.
+"""The pool's shell: redis-py's pool interface, carried out with gevent.
 
-Everything that decides who gets which connection happens here, in short
-sections that never yield to the hub: under gevent only one greenlet runs at
-a time, so a section without a yield is atomic and needs no lock. Network
-I/O (opening a connection) happens outside them, in a dial greenlet the pool
-owns, so a caller that is killed or times out never leaves a half-opened
-socket behind: the dial finishes and serves the next caller.
+:class:`BlockingConnectionPool` decides nothing itself: every change of
+pool state is a method of its :class:`~greenpool.core.PoolCore`, which
+returns the actions to carry out (wake a waiter, open a connection, close
+one) in its outbox. The shell carries them out: it wakes greenlets, has its
+:class:`~greenpool._dial.Dialer` open connections in greenlets the pool
+owns, closes connections, runs the readiness check, and times waits. Each
+core call is atomic (no yield), and no I/O happens inside one.
 
-The life of a connection::
+Checkout takes the most recently used idle connection; with none idle, the
+caller queues in arrival order and a released connection goes straight to
+the oldest live waiter, so a greenlet that releases and asks again queues
+behind those already waiting (redis-py's pools let it barge and starve them).
 
-    dial greenlet --> idle (LIFO stack) --> in use --> released
-                  \\                   /                 |
-                   `-> oldest waiter <-------------------'   (FIFO hand-off)
-
-A released connection goes straight to the oldest live waiter, so a greenlet
-that releases and asks again queues behind those already waiting (redis-py's
-pools let it barge in and starve them).
-
-Where the rest lives: dials in :mod:`greenpool._dial`, the records in
-:mod:`greenpool._records`, reply accounting in :mod:`greenpool._tracking`,
-what redis-py calls beyond checkout in :mod:`greenpool._redispy`, fork
-safety in :mod:`greenpool._fork`, background upkeep in
+Where the rest lives: the state machine in :mod:`greenpool.core`, dials in
+:mod:`greenpool._dial`, reply accounting in :mod:`greenpool._tracking`,
+every read of redis-py's private attributes in :mod:`greenpool._redispy`,
+fork safety in :mod:`greenpool._fork`, background upkeep in
 :mod:`greenpool.maintenance`, settings in :mod:`greenpool.config`.
 """
 
@@ -28,24 +24,35 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 import traceback
-from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set
 
 import redis
 from gevent import getcurrent
+from gevent.hub import Waiter, get_hub
 from gevent.monkey import get_original
 from redis.connection import parse_url
 
-from . import _fork, config, maintenance
-from ._dial import DIAL_CONCURRENCY, DialMixin
-from ._records import LENT, Queued, Slot
-from ._redispy import RedisPyPoolMixin
+from . import _fork, _redispy, config, maintenance
+from ._dial import DIAL_CONCURRENCY, Dialer
 from ._tracking import tracked_class
+from .core import (
+    CHECKING,
+    CLOSE,
+    DIAL,
+    FAILED,
+    REFUSED_CLOSED,
+    REFUSED_WAITERS,
+    SERVED,
+    WAITING,
+    WAKE,
+    PoolCore,
+    Request,
+    Slot,
+)
 from .errors import PoolClosed, PoolTimeout, TooManyWaiters
-from .stats import Counters, PoolStats
+from .stats import PoolStats
 
 __all__ = ["BlockingConnectionPool"]
 
@@ -53,13 +60,10 @@ logger = logging.getLogger("greenpool")
 
 # The real OS thread id, even under monkey-patching (where threads are greenlets).
 _thread_ident: Callable[[], int] = get_original("_thread", "get_ident")
-_poll = get_original("select", "poll")
-_POLLIN = 0x001 | 0x008 | 0x010  # POLLIN | POLLERR | POLLHUP
 
 _names = itertools.count(1)
 _UNSET: Any = object()  # "not given": None is a meaningful timeout
-
-class BlockingConnectionPool(DialMixin, RedisPyPoolMixin, redis.ConnectionPool):
+class BlockingConnectionPool(redis.ConnectionPool):
     """A fair, bounded, kill-safe blocking connection pool for gevent.
 
     A drop-in ``connection_pool=`` for :class:`redis.Redis`. When every
@@ -109,23 +113,27 @@ class BlockingConnectionPool(DialMixin, RedisPyPoolMixin, redis.ConnectionPool):
         self.timeout: Optional[float] = options["timeout"]
         self.name: str = options["name"] or f"greenpool-{next(_names)}"
         self._clock = clock
-        self._max_waiters: Optional[int] = options["max_waiters"]
-        self._validation_window: float = options["validation_window"]
-        lifetime = options["max_lifetime"]
-        self._max_lifetime: float = float("inf") if lifetime is None else lifetime
-        self._leak_threshold: Optional[float] = options["leak_detection_threshold"]
+        self._track_leaks: bool = options["leak_detection_threshold"] is not None
         self._dial_timeout: Optional[float] = options["socket_connect_timeout"]
-        # timeout=0 callers never wait for a busy connection, so nothing
-        # damps their dials: each gets its own.
-        self._dial_limit = DIAL_CONCURRENCY if self.timeout != 0 else self.max_connections
+        lifetime = options["max_lifetime"]
+        self._core = PoolCore(
+            self.max_connections,
+            clock=clock,
+            max_waiters=options["max_waiters"],
+            # timeout=0 callers never wait for a busy connection, so nothing
+            # damps their dials: each gets its own.
+            dial_limit=DIAL_CONCURRENCY if self.timeout != 0 else self.max_connections,
+            validation_window=options["validation_window"],
+            max_lifetime=float("inf") if lifetime is None else lifetime,
+        )
         self._tracked_class = tracked_class(connection_class)
+        self._dialer = Dialer(self)
         self._maintenance: Optional[maintenance.Maintenance] = None
+        self._thread: Optional[int] = None
+        self._orphans: List[Any] = []
         for key, value in config.connection_kwargs(options, connection_class).items():
             connection_kwargs.setdefault(key, value)  # the user's own mapping wins
-        # redis-py's constructor sets up what its client expects of a pool
-        # (encoder, protocol, cache, maintenance notifications) and ends by
-        # calling our reset().
-        super().__init__(connection_class=connection_class, **connection_kwargs)
+        _redispy.init_base(self, connection_class, connection_kwargs)
         self.max_connections = options["max_connections"]
         _fork.register(self)
 
@@ -159,50 +167,36 @@ class BlockingConnectionPool(DialMixin, RedisPyPoolMixin, redis.ConnectionPool):
         connection_kwargs.update((k, v) for k, v in kwargs.items() if k not in settings)
         return cls(_resolved=resolved, **connection_kwargs)
 
+
     # -- state -------------------------------------------------------------
 
     def reset(self) -> None:
         """Replace every connection: idle ones close now, those in use when
         released; waiters keep waiting and get new connections.
 
-        (redis-py's constructor calls this first, to build the state.)
+        (redis-py's constructor calls this last; the pool is empty then.)
         """
-        if not hasattr(self, "_idle"):
-            self._init_state()
-        else:
-            self.disconnect(inuse_connections=True)
-
-    def _init_state(self) -> None:
-        self._idle: List[Slot] = []  # LIFO: the most recently used at the end
-        self._in_use: Dict[Any, Slot] = {}
-        self._waiters: Deque[Queued] = deque()
-        self._nwaiting = 0  # live (not cancelled) entries of _waiters
-        self._dialling = 0
-        self._closed = False
-        self._thread: Optional[int] = None
-        self._generation = object()  # dials of an older generation are dropped
-        self._orphans: List[Any] = []
-        self._last_dial_error: Optional[BaseException] = None
-        self._counters = Counters()
-        self.pid = os.getpid()
+        self._core.disconnect(in_use=True)
+        self._act()
 
     def _after_fork_in_child(self) -> None:
-        # Called by greenpool._fork inside os.fork(): the parent's sockets
-        # must never be used, written to or shut down from here. Keep them
-        # aside; maintenance closes our copies of their fds later.
-        orphans = [slot.conn for slot in self._idle] + list(self._in_use)
-        closed = self._closed
-        self._init_state()
-        self._closed = closed
-        self._orphans = orphans
+        # Called by greenpool._fork inside os.fork(), before any greenlet
+        # runs: no hub calls here. The child starts a new generation with
+        # full capacity; every socket of the parent's generation (idle, lent,
+        # being dialled or pinged) is pointed at /dev/null in this process,
+        # so whatever a copied greenlet does with it here never reaches the
+        # parent's connection. Maintenance closes those fds later.
+        inherited = self._core.fork_reset()
+        orphans = [slot.conn for slot in inherited]
+        for slot in inherited:
+            _redispy.neutralize(_redispy.sockets_of(slot.raw))
+        orphans.extend(self._dialer.after_fork_in_child())
+        self._orphans.extend(orphans)
         if self._maintenance is not None:
             # The parent's maintenance greenlet was copied too: if it ever
-            # wakes here it must exit. (No hub calls inside a fork handler.)
-            self._maintenance._stopped = True
+            # wakes here it must exit.
+            self._maintenance.abandon()
             self._maintenance = None
-
-    def _size(self) -> int:
-        return len(self._idle) + len(self._in_use) + self._dialling
 
     def _adopt_thread(self) -> None:
         ident = _thread_ident()
@@ -216,6 +210,31 @@ class BlockingConnectionPool(DialMixin, RedisPyPoolMixin, redis.ConnectionPool):
                 "share one pool safely)"
             )
 
+    def _act(self) -> None:
+        """Carry out the core's actions, in order, until none is left."""
+        outbox = self._core.outbox
+        while outbox:
+            kind, item = outbox.pop(0)
+            if kind is WAKE:
+                # Waiter.switch may only run in the hub: schedule it. If the
+                # caller has already woken (its timer fired) the late switch
+                # is a no-op.
+                waiter = item.waiter
+                waiter.hub.loop.run_callback(waiter.switch, None)
+            elif kind is CLOSE:
+                self._close_connection(item)
+                self._core.closed(item)
+            elif kind is DIAL:
+                if self._maintenance is None:
+                    self._maintenance = maintenance.start(self)
+                self._dialer.start(item)
+
+    def _close_connection(self, slot: Slot) -> None:
+        try:
+            slot.conn.disconnect()
+        except Exception:  # a close that fails still frees the slot
+            logger.debug("pool %r: error closing %r", self.name, slot.conn, exc_info=True)
+
     # -- checkout ----------------------------------------------------------
 
     def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
@@ -226,123 +245,105 @@ class BlockingConnectionPool(DialMixin, RedisPyPoolMixin, redis.ConnectionPool):
         """
         if _thread_ident() != self._thread:
             self._adopt_thread()
-        idle = self._idle
-        # The hot path, inlined: a connection used within the validation
-        # window is lent with no syscall and no switch to the hub.
-        while idle and not self._nwaiting:
-            slot = idle.pop()
-            now = self._clock()
-            if now - slot.idle_since > self._validation_window and not self._still_good(slot, now):
-                continue
-            self._in_use[slot.conn] = slot
-            self._counters.checkouts += 1
-            if self._leak_threshold is not None:
-                self._track(slot, now)
-            return slot.conn
-        return self._wait()
+        # The hot path: a connection used within validation_window is lent
+        # with no system call and no switch to the hub.
+        slot = self._core.lend()
+        if slot is None or self._track_leaks:
+            return self._checkout(slot)
+        return slot.conn
 
-    def _track(self, slot: Slot, now: float) -> None:
-        # Leak detection only: who holds the connection, since when, and the
-        # stack that took it (extract_stack costs some microseconds).
-        slot.holder = getcurrent()
-        slot.lent_at = now
-        slot.leak_reported = False
-        slot.stack = traceback.extract_stack()
+    def _checkout(self, slot: Optional[Slot]) -> Any:
+        core = self._core
+        while slot is None:
+            slot = core.lend_any()
+            self._act()  # closes of expired connections, at once
+            if slot is None:
+                slot = self._wait()
+            elif slot.state is CHECKING:
+                # Idle longer than validation_window: a non-blocking
+                # readiness check of the real socket (a system call, never a
+                # hub round trip) before lending it.
+                if not core.checked(slot, _redispy.is_ready(slot.raw)):
+                    self._act()
+                    slot = None
+        if self._track_leaks:
+            # Leak detection only: who holds the connection, and the stack
+            # that took it (extract_stack costs some microseconds).
+            slot.holder = getcurrent()
+            slot.stack = traceback.extract_stack()
+            slot.leak_reported = False
+        return slot.conn
 
-    def _still_good(self, slot: Slot, now: float) -> bool:
-        """Check an idle connection without blocking; close it if it is not."""
-        if now >= slot.expires_at:
-            self._close_slot(slot, "expired")
-            return False
-        sock = slot.raw._sock
-        if sock is not None:
-            # A zero-timeout poll of the real fd: a syscall, but never a hub
-            # round trip. Readable means EOF (the server closed it) or data
-            # nobody asked for; either way the connection is not clean.
-            poller = _poll()
-            try:
-                poller.register(sock.fileno(), _POLLIN)
-                if not poller.poll(0):
-                    return True
-            except (OSError, ValueError):
-                pass
-        self._close_slot(slot, "failed_check")
-        return False
-
-    def _wait(self) -> Any:
-        if self._closed:
-            raise PoolClosed(f"pool {self.name!r} is closed")
-        if self._max_waiters is not None and self._nwaiting >= self._max_waiters:
-            raise TooManyWaiters(
-                f"pool {self.name!r} already has {self._nwaiting} callers waiting "
-                f"(max_waiters={self._max_waiters}, max_connections={self.max_connections})"
-            )
+    def _wait(self) -> Slot:
+        core = self._core
         timeout = self.timeout
-        if timeout == 0 and self._size() >= self.max_connections:
-            self._counters.timeouts += 1
+        deadline = None if timeout is None else self._clock() + timeout
+        while True:
+            request = core.admit(zero_timeout=timeout == 0)
+            if not isinstance(request, Request):
+                self._act()
+                raise self._refusal(request)
+            request.waiter = waiter = Waiter()
+            self._act()  # the dial admit() may have asked for
+            timer = None
+            if timeout:
+                assert deadline is not None
+                timer = get_hub().loop.timer(max(0.0, deadline - self._clock()))
+                timer.start(waiter.switch, None)
+            try:
+                waiter.get()
+            except BaseException:
+                # Killed or interrupted (GreenletExit, gevent.Timeout,
+                # KeyboardInterrupt): leave the queue, and pass on a
+                # connection handed over at that very instant.
+                core.cancel(request, timed_out=False)
+                self._act()
+                raise
+            finally:
+                if timer is not None:
+                    timer.close()
+            if request.generation != core.generation:
+                # Queued before a fork, woken in the child: the parent's
+                # hand-off or timer means nothing here. Start again in the
+                # child's generation with the time that is left.
+                if deadline is not None and self._clock() >= deadline:
+                    raise PoolTimeout(self._timeout_message())
+                continue
+            # Woken by a hand-off, an error, or our timer; a hand-off that
+            # raced the timer still wins.
+            state = request.state
+            if state is SERVED:
+                return core.claim(request)
+            if state is FAILED:
+                error = request.error
+                core.cancel(request, timed_out=False)
+                assert error is not None
+                raise error
+            assert state is WAITING, state
+            core.cancel(request, timed_out=True)
+            self._act()
             raise PoolTimeout(self._timeout_message())
-        entry = Queued()
-        self._waiters.append(entry)
-        self._nwaiting += 1
-        self._counters.waits += 1
-        # Nothing is idle while callers wait, so the pool can grow only if
-        # in-use and dialling connections leave room: under contention it
-        # cannot, and this test spares the call.
-        if self._dialling < self._dial_limit and len(self._in_use) + self._dialling < self.max_connections:
-            self._grow()
-        timer = None
-        if timeout:
-            timer = entry.waiter.hub.loop.timer(timeout)
-            timer.start(entry.waiter.switch, None)
-        start = self._clock()
-        try:
-            entry.waiter.get()
-        except BaseException:
-            self._abandon(entry)
-            raise
-        finally:
-            if timer is not None:
-                timer.close()
-            self._counters.wait_time += self._clock() - start
-        # Woken by a hand-off, an error, or our timer; a hand-off that raced
-        # the timer still wins.
-        slot = entry.slot
-        if slot is not None:
-            self._counters.checkouts += 1
-            if self._leak_threshold is None:
-                slot.holder = LENT
-            else:
-                self._track(slot, self._clock())
-            return slot.conn
-        if entry.error is not None:
-            raise entry.error
-        entry.cancelled = True
-        self._nwaiting -= 1
-        self._counters.timeouts += 1
-        raise PoolTimeout(self._timeout_message())
 
-    def _abandon(self, entry: Queued) -> None:
-        # The waiter was killed or interrupted (GreenletExit, gevent.Timeout,
-        # KeyboardInterrupt). If a connection was handed to it at that very
-        # instant, pass it on rather than lose the slot.
-        if entry.slot is not None:
-            slot, entry.slot = entry.slot, None
-            # Give it back as its holder would: release() also decides
-            # whether it must close (the pool was closed meanwhile, say).
-            slot.holder = LENT
-            self.release(slot.conn)
-        elif entry.error is None and not entry.cancelled:
-            entry.cancelled = True
-            self._nwaiting -= 1
+    def _refusal(self, reason: str) -> BaseException:
+        if reason is REFUSED_CLOSED:
+            return PoolClosed(f"pool {self.name!r} is closed")
+        if reason is REFUSED_WAITERS:
+            core = self._core
+            return TooManyWaiters(
+                f"pool {self.name!r} already has {core.waiting} callers waiting "
+                f"(max_waiters={core.max_waiters}, max_connections={self.max_connections})"
+            )
+        return PoolTimeout(self._timeout_message())
 
     def _timeout_message(self) -> str:
+        core = self._core
         message = (
             f"no connection from pool {self.name!r} within {self.timeout:.2f} s "
-            f"(max_connections={self.max_connections}, {len(self._in_use)} in use, "
-            f"{self._dialling} dialling, {self._nwaiting} waiting)"
+            f"(max_connections={self.max_connections}, {len(core.out)} in use, "
+            f"{core.dialling} dialling, {core.waiting} waiting)"
         )
-        if self._last_dial_error is not None and self._size() < self.max_connections:
-            message += f"; last connection error: {self._last_dial_error}"
+        if core.last_dial_error is not None and core.size < self.max_connections:
+            message += f"; last connection error: {core.last_dial_error}"
         return message
 
     # -- release -----------------------------------------------------------
@@ -355,60 +356,34 @@ class BlockingConnectionPool(DialMixin, RedisPyPoolMixin, redis.ConnectionPool):
         """
         if _thread_ident() != self._thread:
             self._adopt_thread()
-        slot = self._in_use.pop(connection, None)
-        if slot is None or slot.holder is None:
-            self._release_unknown(connection, slot)
+        core = self._core
+        slot = core.out.get(connection)
+        if slot is None:
+            self._release_unknown(connection)
             return
-        now = self._clock()
         raw = slot.raw
-        # close() and disconnect() mark connections in use as expired, so
-        # this one comparison also covers them.
-        if (
-            raw._greenpool_owed
-            or raw._sock is None
-            or now >= slot.expires_at
-            or raw._greenpool_reconnect
-            or (self._custom_retire and self.retire_on_release(connection))
-        ):
-            self._retire(slot, now)
-        elif self._nwaiting:
-            self._put(slot, now)
-        else:  # the hot path, inlined
-            slot.idle_since = now
-            self._idle.append(slot)
-
-    def _put(self, slot: Slot, now: float) -> None:
-        """Give a connection nobody holds to the oldest live waiter, or idle."""
-        waiters = self._waiters
-        while waiters:
-            entry = waiters.popleft()
-            if entry.cancelled:
-                continue
-            self._nwaiting -= 1
-            slot.holder = None
-            entry.slot = slot
-            self._in_use[slot.conn] = slot
-            entry.wake()
-            return
-        slot.idle_since = now
-        self._idle.append(slot)
-
-    def _retire(self, slot: Slot, now: float) -> None:
-        raw = slot.raw
-        if self._closed or slot.discard:
-            reason = "pool_closed"
-        elif raw._greenpool_owed:
-            reason = "dirty"
-        elif raw._sock is None:
-            reason = "broken"
-        elif now >= slot.expires_at:
-            reason = "expired"
-        elif self._custom_retire and self.retire_on_release(slot.conn):
+        # greenpool's own flags (greenpool._tracking), read inline: the
+        # hot path makes no call for a healthy connection.
+        if raw._greenpool_owed or raw._greenpool_broken or raw._greenpool_reconnect:
+            reason = _redispy.retire_reason(raw)
+        elif self._custom_retire and self.retire_on_release(connection):
             reason = "stale"
         else:
-            reason = "reconnect"
-        self._close_slot(slot, reason)
-        self._grow()
+            reason = None
+        misuse = core.release(slot, reason)
+        if misuse is not None:
+            logger.warning("pool %r ignored a release: %r was %s", self.name, connection, misuse)
+        if core.outbox:
+            self._act()
+
+    def _release_unknown(self, connection: Any) -> None:
+        if _redispy.from_before_fork(connection, self._orphans):
+            # Checked out before a fork: close our copy of the fd (already
+            # pointed at /dev/null), never the parent's connection.
+            connection.disconnect()
+            return
+        misuse = self._core.release_unknown(connection)
+        logger.warning("pool %r ignored a release: %r was %s", self.name, connection, misuse)
 
     #: Subclasses that close connections on release for reasons of their own
     #: set this and override :meth:`retire_on_release`; others pay one
@@ -424,32 +399,7 @@ class BlockingConnectionPool(DialMixin, RedisPyPoolMixin, redis.ConnectionPool):
         """
         return False
 
-    def _release_unknown(self, connection: Any, slot: Optional[Slot]) -> None:
-        if slot is not None:
-            # Handed to a waiter that has not run yet: nobody holds it, so this
-            # is a second release. Put the entry back untouched.
-            self._in_use[connection] = slot
-            what = "released twice (it was already handed to another caller)"
-        elif any(s.conn is connection for s in self._idle):
-            what = "released twice (it is already idle)"
-        elif connection in self._orphans or getattr(connection, "pid", None) != os.getpid():
-            # Checked out before a fork: close our copy of the fd, never the
-            # parent's connection (redis-py skips shutdown() across a fork).
-            connection.disconnect()
-            return
-        else:
-            what = "not lent out by this pool"
-        self._counters.misuses += 1
-        logger.warning("pool %r ignored a release: %r was %s", self.name, connection, what)
-
     # -- closing -----------------------------------------------------------
-
-    def _close_slot(self, slot: Slot, reason: str) -> None:
-        self._counters.closed[reason] += 1
-        try:
-            slot.conn.disconnect()
-        except Exception:  # a close that fails still frees the slot
-            logger.debug("pool %r: error closing %r", self.name, slot.conn, exc_info=True)
 
     def disconnect(self, inuse_connections: bool = True) -> None:
         """Close idle connections now; those in use close when released.
@@ -460,17 +410,8 @@ class BlockingConnectionPool(DialMixin, RedisPyPoolMixin, redis.ConnectionPool):
         """
         if _thread_ident() != self._thread:
             self._adopt_thread()
-        idle, self._idle = self._idle, []
-        for slot in idle:
-            self._close_slot(slot, "pool_closed")
-        if inuse_connections:
-            self._discard_in_use()
-        self._grow()
-
-    def _discard_in_use(self) -> None:
-        for slot in self._in_use.values():
-            slot.discard = True
-            slot.expires_at = float("-inf")
+        self._core.disconnect(in_use=inuse_connections)
+        self._act()
 
     def close(self) -> None:
         """Close the pool: idempotent, and every waiter gets PoolClosed.
@@ -478,21 +419,13 @@ class BlockingConnectionPool(DialMixin, RedisPyPoolMixin, redis.ConnectionPool):
         Idle connections close now, connections in use when released, and
         the maintenance greenlet stops.
         """
-        if self._closed:
+        core = self._core
+        if core.closed_flag:
             return
         if _thread_ident() != self._thread:
             self._adopt_thread()
-        self._closed = True
-        waiters, self._waiters = self._waiters, deque()
-        self._nwaiting = 0
-        for entry in waiters:
-            if not entry.cancelled:
-                entry.error = PoolClosed(f"pool {self.name!r} was closed while waiting")
-                entry.wake()
-        idle, self._idle = self._idle, []
-        for slot in idle:
-            self._close_slot(slot, "pool_closed")
-        self._discard_in_use()
+        core.close(lambda: PoolClosed(f"pool {self.name!r} was closed while waiting"))
+        self._act()
         if self._maintenance is not None:
             self._maintenance.stop()
             self._maintenance = None
@@ -506,20 +439,62 @@ class BlockingConnectionPool(DialMixin, RedisPyPoolMixin, redis.ConnectionPool):
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._closed
+        return self._core.closed_flag
+
+    # -- what redis-py calls beyond checkout ---------------------------------
+
+    def make_connection(self) -> Any:
+        """Create a connection object (not yet connected); used by dials."""
+        return _redispy.make_connection(self, self._tracked_class)
+
+    def _checkpid(self) -> None:
+        # Fork safety comes from os.register_at_fork (see greenpool._fork), so
+        # no getpid() syscall is needed on every checkout.
+        pass
+
+    def owns_connection(self, connection: Any) -> bool:
+        core = self._core
+        return connection in core.out or any(s.conn is connection for s in core.idle)
+
+    def _get_free_connections(self) -> List[Any]:
+        return [slot.conn for slot in self._core.idle]
+
+    def _get_in_use_connections(self) -> Set[Any]:
+        return set(self._core.out)
+
+    def set_retry(self, retry: Any) -> None:
+        self.connection_kwargs.update({"retry": retry})
+        for conn in self._get_free_connections() + list(self._core.out):
+            conn.retry = retry
+
+    def re_auth_callback(self, token: Any) -> None:
+        # Idle connections re-authenticate when next lent (redis-py checks the
+        # token before each command); sending AUTH here would need I/O inside
+        # the pool's bookkeeping.
+        for conn in self._get_free_connections() + list(self._core.out):
+            conn.set_re_auth_token(token)
+
+    def __del__(self) -> None:
+        # redis-py's __del__ records metrics about its own lists; ours has none.
+        pass
 
     # -- observing ---------------------------------------------------------
 
+    def check(self) -> None:
+        """Assert the pool's invariants (see :meth:`PoolCore.check`); for tests."""
+        self._core.check()
+
     def stats(self) -> PoolStats:
         """A frozen snapshot of the pool's state and counters."""
-        return self._counters.snapshot(
+        core = self._core
+        return core.counters.snapshot(
             name=self.name,
             max_connections=self.max_connections,
-            size=self._size(),
-            idle=len(self._idle),
-            in_use=len(self._in_use),
-            dialling=self._dialling,
-            waiting=self._nwaiting,
+            size=core.size,
+            idle=len(core.idle),
+            in_use=len(core.out),
+            dialling=core.dialling,
+            waiting=core.waiting,
         )
 
     def _target(self) -> str:
@@ -529,9 +504,10 @@ class BlockingConnectionPool(DialMixin, RedisPyPoolMixin, redis.ConnectionPool):
         return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
     def __repr__(self) -> str:
-        state = " closed" if self._closed else ""
+        core = self._core
+        state = " closed" if core.closed_flag else ""
         return (
             f"<greenpool.BlockingConnectionPool {self.name!r} {self._target()}{state} "
-            f"size={self._size()}/{self.max_connections} idle={len(self._idle)} "
-            f"in_use={len(self._in_use)} dialling={self._dialling} waiting={self._nwaiting}>"
+            f"size={core.size}/{self.max_connections} idle={len(core.idle)} "
+            f"in_use={len(core.out)} dialling={core.dialling} waiting={core.waiting}>"
         )

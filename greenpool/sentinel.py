@@ -47,7 +47,7 @@ from redis.sentinel import (
     SlaveNotFoundError,
 )
 
-from . import config
+from . import _redispy, config
 from .errors import ConfigError
 from .pool import _UNSET, BlockingConnectionPool
 
@@ -138,7 +138,7 @@ class _SwitchWatcher:
         delay = _RETRY_MIN
         while True:
             pool = self._pool_ref()
-            if pool is None or pool._closed:
+            if pool is None or pool.closed:
                 return
             sentinels = list(pool.sentinel_manager.sentinels)
             del pool
@@ -158,7 +158,7 @@ class _SwitchWatcher:
                 message = pubsub.get_message(timeout=_LISTEN_TIMEOUT)
                 answered = True
                 pool = self._pool_ref()
-                if pool is None or pool._closed:
+                if pool is None or pool.closed:
                     return answered
                 if message is not None:
                     pool._switched(message["data"], client)
@@ -261,7 +261,7 @@ class SentinelBlockingConnectionPool(BlockingConnectionPool):
         :raises redis.sentinel.MasterNotFoundError: no sentinel knows a
             healthy master.
         """
-        if self._watch and self._watcher is None and not self._closed:
+        if self._watch and self._watcher is None and not self.closed:
             self._watcher = _SwitchWatcher(self)
         host, port = self.sentinel_manager.discover_master(self.service_name)
         address = (host, int(port))
@@ -326,11 +326,11 @@ class SentinelBlockingConnectionPool(BlockingConnectionPool):
     # -- retiring connections to a former master -----------------------------
 
     def _to_former_master(self, connection: Any) -> bool:
-        raw = getattr(connection, "_conn", connection)
+        raw = _redispy.raw_connection(connection)
         return (
             self.is_master
             and self.master_address is not None
-            and raw._sock is not None
+            and bool(_redispy.sockets_of(raw))
             and (raw.host, raw.port) != self.master_address
         )
 

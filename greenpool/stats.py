@@ -55,6 +55,8 @@ class PoolStats:
         ``leak_detection_threshold``.
     :ivar pings: keepalive PINGs sent to idle connections.
     :ivar misuses: releases of a connection the pool did not lend out.
+    :ivar rejected: callers refused at once because ``max_waiters`` callers
+        already waited for a busy connection.
     """
 
     name: str
@@ -74,6 +76,7 @@ class PoolStats:
     leaks: int = 0
     pings: int = 0
     misuses: int = 0
+    rejected: int = 0
 
     def as_dict(self) -> Dict[str, Any]:
         """The snapshot as a plain dict (``closed`` as a nested dict)."""
@@ -94,6 +97,7 @@ class Counters:
         "leaks",
         "pings",
         "misuses",
+        "rejected",
     )
 
     def __init__(self) -> None:
@@ -107,6 +111,7 @@ class Counters:
         self.leaks = 0
         self.pings = 0
         self.misuses = 0
+        self.rejected = 0
 
     def snapshot(self, **gauges: Any) -> PoolStats:
         """Freeze the counters together with the pool's *gauges*."""
@@ -121,5 +126,6 @@ class Counters:
             leaks=self.leaks,
             pings=self.pings,
             misuses=self.misuses,
+            rejected=self.rejected,
             **gauges,
         )

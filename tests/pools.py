@@ -12,18 +12,10 @@ PoolFactory = Callable[..., BlockingConnectionPool]
 
 
 def check_invariants(pool: BlockingConnectionPool) -> None:
-    """Assert the pool's bookkeeping is consistent at this instant."""
-    idle = [slot.conn for slot in pool._idle]
-    in_use = list(pool._in_use)
-    assert len(set(idle)) == len(idle), "a connection is idle twice"
-    assert not set(idle) & set(in_use), "a connection is both idle and in use"
-    assert pool._size() <= pool.max_connections, repr(pool)
-    live = [w for w in pool._waiters if not w.cancelled]
-    assert pool._nwaiting == len(live), repr(pool)
-    if live:
-        assert not idle, f"callers wait while connections idle: {pool!r}"
+    """Assert the pool's invariants at this instant (the core's own check)."""
+    pool.check()
     stats = pool.stats()
-    assert stats.size == stats.idle + stats.in_use + stats.dialling
+    assert stats.size == stats.idle + stats.in_use + stats.dialling, stats
 
 
 def watch_invariants(pool: BlockingConnectionPool, every: float = 0.0) -> gevent.Greenlet:

@@ -11,7 +11,7 @@ import greenlet
 import pytest
 import redis
 
-import greenpool.pool
+import greenpool._redispy
 
 PARSERS = ["hiredis", "python"]
 
@@ -131,8 +131,8 @@ def test_server_closed_idle_connection_is_replaced_transparently(make_pool, redi
 def test_recent_connection_checkout_makes_no_syscall_and_no_switch(make_pool, monkeypatch):
     """Checkout+release of a recently used connection neither polls nor yields to the hub."""
     polls = []
-    real_poll = greenpool.pool._poll
-    monkeypatch.setattr(greenpool.pool, "_poll", lambda: polls.append(1) or real_poll())
+    real_poll = greenpool._redispy._poll
+    monkeypatch.setattr(greenpool._redispy, "_poll", lambda: polls.append(1) or real_poll())
     now = [100.0]
     pool = make_pool(max_connections=2, timeout=1, clock=lambda: now[0])
     conn = pool.get_connection()

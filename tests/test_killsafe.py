@@ -184,7 +184,8 @@ def dial_greenlets(pool: BlockingConnectionPool) -> list:
 def test_dial_killed_before_it_ran_frees_its_slot(make_pool):
     """A dial greenlet killed before it ever ran (gevent.killall at shutdown) frees its slot."""
     pool = make_pool(max_connections=1, timeout=1)
-    pool._start_dial()  # what a waiting caller triggers; no yield since
+    pool._core.fill(1)  # what min_idle maintenance asks for; no yield since
+    pool._act()
     dials = dial_greenlets(pool)
     assert len(dials) == 1 and dials[0].gr_frame is None  # scheduled, never ran
     gevent.killall(dials)

@@ -89,7 +89,7 @@ def test_lifetime_has_negative_jitter_and_never_closes_in_use(make_pool, clock):
     """Connections expire within [0.9, 1.0] x max_lifetime, on release if in use."""
     pool = quiet(make_pool(max_connections=4, max_lifetime=100, clock=clock))
     held = [pool.get_connection() for _ in range(4)]
-    slots = [pool._in_use[c] for c in held]
+    slots = [pool._core.out[c] for c in held]
     lifetimes = [slot.expires_at - slot.created_at for slot in slots]
     assert all(90 <= life <= 100 for life in lifetimes)
     assert len(set(lifetimes)) > 1
