@@ -542,16 +542,21 @@ class PoolCore:
 
     # -- fork ----------------------------------------------------------------
 
-    def fork_reset(self) -> List[Slot]:
+    def fork_reset(self) -> Tuple[List[Slot], List[Request]]:
         """In a forked child: start a new generation, empty and at full capacity.
 
-        Returns the parent's slots; the shell must make sure no socket of
-        theirs is used here, and close the child's copies of their fds.
+        Returns the parent's slots, whose sockets the shell must keep from
+        being used here (and whose fds it closes later), and the parent's
+        waiters (queued, or served but not yet run), which the shell wakes
+        so that they start again in the new generation.
         """
         inherited = self.idle + list(self.out.values())
+        # A WAKE still in the outbox has not been scheduled (the shell empties
+        # the outbox before any yield, so this is for completeness).
+        requests = list(self.queue) + [item for kind, item in self.outbox if kind is WAKE]
         self.generation += 1
         self._reset_state()
-        return inherited
+        return inherited, requests
 
     # -- checks ----------------------------------------------------------------
 

@@ -181,17 +181,23 @@ class BlockingConnectionPool(redis.ConnectionPool):
 
     def _after_fork_in_child(self) -> None:
         # Called by greenpool._fork inside os.fork(), before any greenlet
-        # runs: no hub calls here. The child starts a new generation with
-        # full capacity; every socket of the parent's generation (idle, lent,
-        # being dialled or pinged) is pointed at /dev/null in this process,
-        # so whatever a copied greenlet does with it here never reaches the
-        # parent's connection. Maintenance closes those fds later.
-        inherited = self._core.fork_reset()
+        # runs: no I/O but on the child's own fd table. The child starts a
+        # new generation with full capacity. Every socket of the parent's
+        # generation (idle, lent, being dialled or pinged) is pointed at
+        # /dev/null in this process, so whatever a copied greenlet does with
+        # it here never reaches the parent's connection; maintenance closes
+        # those fds later. Copied waiters are woken (a hub callback, queued
+        # in memory) to start again in the child's generation: the dial or
+        # release they were waiting for belongs to the parent.
+        inherited, requests = self._core.fork_reset()
         orphans = [slot.conn for slot in inherited]
         for slot in inherited:
             _redispy.neutralize(_redispy.sockets_of(slot.raw))
         orphans.extend(self._dialer.after_fork_in_child())
         self._orphans.extend(orphans)
+        for request in requests:
+            waiter = request.waiter
+            waiter.hub.loop.run_callback(waiter.switch, None)
         if self._maintenance is not None:
             # The parent's maintenance greenlet was copied too: if it ever
             # wakes here it must exit.

@@ -42,6 +42,9 @@ class TcpProxy:
         self.ssl_context = ssl_context
         self.tls_failures = 0
         self._blackholed = False
+        #: Seconds to hold the first reply of each new connection (the
+        #: server's answer to the handshake): a slow network or server.
+        self.first_reply_delay = 0.0
         self._pairs: set[tuple[socket.socket, socket.socket]] = set()
         # One group holds the accept handlers and the pumps, so close() can
         # kill everything the proxy ever started.
@@ -109,18 +112,25 @@ class TcpProxy:
         upstream.settimeout(None)
         pair = (client, upstream)
         self._pairs.add(pair)
-        back = self._greenlets.spawn(self._pump, upstream, client, pair)
+        back = self._greenlets.spawn(self._pump, upstream, client, pair, self.first_reply_delay)
         self._pump(client, upstream, pair)
         back.join(timeout=JOIN_TIMEOUT)
 
     def _pump(
-        self, src: socket.socket, dst: socket.socket, pair: tuple[socket.socket, socket.socket]
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        pair: tuple[socket.socket, socket.socket],
+        first_delay: float = 0.0,
     ) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if first_delay:
+                    gevent.sleep(first_delay)
+                    first_delay = 0.0
                 if not self._blackholed:
                     dst.sendall(data)
         except OSError:
