@@ -43,6 +43,22 @@ INHERITED = {
     "connection_kwargs": "redis-py 8's maintenance-notification property over _connection_kwargs",
     "__enter__": "redis-py 5+: returns the pool (ours is defined too)",
     "__exit__": "redis-py 5+: closes the pool (ours is defined too)",
+    # redis-py 7+ maintenance notifications: they walk the connections
+    # through _get_free_connections()/_get_in_use_connections() under
+    # _get_pool_lock() and change connection objects or connection_kwargs,
+    # never the pool's lists. A free connection they disconnect reconnects
+    # on its next command, as in redis-py's own pools; one they mark for
+    # reconnect is closed by greenpool on release (reason "reconnect").
+    "maint_notifications_enabled": "reads the notification handlers' config",
+    "update_maint_notifications_config": "replaces the notification handlers",
+    "_update_connection_kwargs_for_maint_notifications": "edits connection_kwargs",
+    "_update_maint_notifications_configs_for_connections": "edits each connection's config",
+    "_should_update_connection": "a predicate on one connection",
+    "update_connection_kwargs": "edits connection_kwargs for future connections",
+    "update_connection_settings": "edits one connection's settings",
+    "update_connections_settings": "edits every connection's settings",
+    "update_active_connections_for_reconnect": "marks in-use connections for reconnect",
+    "disconnect_free_connections": "disconnects idle connection objects in place",
 }
 
 
