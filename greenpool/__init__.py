@@ -1,15 +1,18 @@
 """greenpool: a fair, bounded, kill-safe blocking Redis connection pool for gevent.
 
 ``greenpool.BlockingConnectionPool`` is a drop-in ``connection_pool=`` for
-:class:`redis.Redis`. Start reading at :mod:`greenpool.pool`.
+:class:`redis.Redis`. Start reading at :mod:`greenpool.core`, then :mod:`greenpool.pool`.
 
 Where each behaviour lives:
 
-- ``pool``: checkout, release, waiting, closing; the pool's state.
+- ``core``: the pool's state machine: every change of state, no I/O
+  (slots, the wait queue, dials, generations, counters, ``check()``).
+- ``pool``: the shell: redis-py's pool interface, carrying out the core's
+  actions with gevent (waiting, waking, closing).
 - ``_dial``: opening connections in greenlets the pool owns.
-- ``_records``: the small records the pool keeps (slots, waiters, dials).
 - ``_tracking``: counting the replies a connection still owes.
-- ``_redispy``: what redis-py's client calls on a pool beyond checkout.
+- ``_redispy``: every read of redis-py's private attributes, and the
+  methods redis-py calls on a pool beyond checkout.
 - ``_fork``: rebuilding pools in a forked child.
 - ``maintenance``: the background greenlet (idle reaping, lifetimes,
   ``min_idle``, keepalive PINGs, leak reports).

@@ -18,13 +18,13 @@ Reads: ``Connection._sock`` (the socket, None once disconnected),
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Set
 
 import redis
 from gevent.monkey import get_original
 
 __all__ = [
-    "INHERITED", "init_base", "make_connection", "raw_connection", "sockets_of",
+    "RedisPyInterface", "INHERITED", "init_base", "make_connection", "raw_connection", "sockets_of",
     "is_ready", "retire_reason", "from_before_fork", "neutralize",
 ]
 
@@ -83,6 +83,51 @@ def make_connection(pool: Any, connection_class: type) -> Any:
 
         conn = CacheProxyConnection(conn, cache, pool._lock)  # type: ignore[abstract]
     return conn
+
+
+class RedisPyInterface:
+    """The methods redis-py's client, Sentinel and maintenance notifications
+    call on a pool beyond checkout and release, including the private ones
+    greenpool overrides. They read the pool's core (``self._core``) only."""
+
+    _core: Any  # greenpool.core.PoolCore
+    _tracked_class: type
+    connection_kwargs: Dict[str, Any]
+
+    def make_connection(self) -> Any:
+        """Create a connection object (not yet connected); used by dials."""
+        return make_connection(self, self._tracked_class)
+
+    def _checkpid(self) -> None:
+        # Fork safety comes from os.register_at_fork (see greenpool._fork), so
+        # no getpid() syscall is needed on every checkout.
+        pass
+
+    def owns_connection(self, connection: Any) -> bool:
+        core = self._core
+        return connection in core.out or any(s.conn is connection for s in core.idle)
+
+    def _get_free_connections(self) -> List[Any]:
+        return [slot.conn for slot in self._core.idle]
+
+    def _get_in_use_connections(self) -> Set[Any]:
+        return set(self._core.out)
+
+    def set_retry(self, retry: Any) -> None:
+        self.connection_kwargs.update({"retry": retry})
+        for conn in self._get_free_connections() + list(self._core.out):
+            conn.retry = retry
+
+    def re_auth_callback(self, token: Any) -> None:
+        # Idle connections re-authenticate when next lent (redis-py checks the
+        # token before each command); sending AUTH here would need I/O inside
+        # the pool's bookkeeping.
+        for conn in self._get_free_connections() + list(self._core.out):
+            conn.set_re_auth_token(token)
+
+    def __del__(self) -> None:
+        # redis-py's __del__ records metrics about its own lists; ours has none.
+        pass
 
 
 def raw_connection(conn: Any) -> Any:

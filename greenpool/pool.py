@@ -26,7 +26,7 @@ import itertools
 import logging
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import redis
 from gevent import getcurrent
@@ -63,7 +63,7 @@ _thread_ident: Callable[[], int] = get_original("_thread", "get_ident")
 
 _names = itertools.count(1)
 _UNSET: Any = object()  # "not given": None is a meaningful timeout
-class BlockingConnectionPool(redis.ConnectionPool):
+class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
     """A fair, bounded, kill-safe blocking connection pool for gevent.
 
     A drop-in ``connection_pool=`` for :class:`redis.Redis`. When every
@@ -446,43 +446,6 @@ class BlockingConnectionPool(redis.ConnectionPool):
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._core.closed_flag
-
-    # -- what redis-py calls beyond checkout ---------------------------------
-
-    def make_connection(self) -> Any:
-        """Create a connection object (not yet connected); used by dials."""
-        return _redispy.make_connection(self, self._tracked_class)
-
-    def _checkpid(self) -> None:
-        # Fork safety comes from os.register_at_fork (see greenpool._fork), so
-        # no getpid() syscall is needed on every checkout.
-        pass
-
-    def owns_connection(self, connection: Any) -> bool:
-        core = self._core
-        return connection in core.out or any(s.conn is connection for s in core.idle)
-
-    def _get_free_connections(self) -> List[Any]:
-        return [slot.conn for slot in self._core.idle]
-
-    def _get_in_use_connections(self) -> Set[Any]:
-        return set(self._core.out)
-
-    def set_retry(self, retry: Any) -> None:
-        self.connection_kwargs.update({"retry": retry})
-        for conn in self._get_free_connections() + list(self._core.out):
-            conn.retry = retry
-
-    def re_auth_callback(self, token: Any) -> None:
-        # Idle connections re-authenticate when next lent (redis-py checks the
-        # token before each command); sending AUTH here would need I/O inside
-        # the pool's bookkeeping.
-        for conn in self._get_free_connections() + list(self._core.out):
-            conn.set_re_auth_token(token)
-
-    def __del__(self) -> None:
-        # redis-py's __del__ records metrics about its own lists; ours has none.
-        pass
 
     # -- observing ---------------------------------------------------------
 
