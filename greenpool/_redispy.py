@@ -180,7 +180,8 @@ def retire_reason(raw: Any) -> Optional[str]:
 
 def from_before_fork(conn: Any, orphans: List[Any]) -> bool:
     """Whether *conn* was opened in the parent of this (forked) process."""
-    return conn in orphans or getattr(conn, "pid", None) != os.getpid()
+    pid = getattr(conn, "pid", None)  # anything else is no connection of ours
+    return conn in orphans or (pid is not None and pid != os.getpid())
 
 
 def neutralize(sockets: Iterable[Any]) -> None:
