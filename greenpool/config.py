@@ -101,8 +101,9 @@ SETTINGS: tuple[Setting, ...] = (
        "idle, in use and being dialled.", **_GE1),
     _s("timeout", "duration", 20.0, "How long a caller waits for a connection; "
        "none waits forever and 0 never waits.", **_GE0, **_NONE),
-    _s("max_waiters", "int", None, "How many callers may wait at once (more get "
-       "TooManyWaiters); none means no limit.", **_GE0, **_NONE),
+    _s("max_waiters", "int", None, "How many callers may wait for a busy connection "
+       "(more get TooManyWaiters; callers the pool can open a connection for never "
+       "count); none means no limit.", **_GE0, **_NONE),
     _s("name", "str", None, "The pool's name in logs, errors and repr.", **_NONE),
     _s("idle_timeout", "duration", 300.0, "Idle connections beyond min_idle are "
        "closed after this long; none keeps them.", **_GT0, **_NONE),

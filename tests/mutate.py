@@ -42,7 +42,7 @@ TESTS = {
     "greenpool/core.py": [
         "tests/test_core_stateful.py", "tests/test_maintenance_plan.py", "tests/test_waiters.py",
         "tests/test_blocking.py", "tests/test_killsafe.py", "tests/test_pinned_behaviours.py",
-        "tests/test_generations.py",
+        "tests/test_generations.py", "tests/test_maintenance.py",
     ],
     "greenpool/maintenance.py": [
         "tests/test_maintenance_plan.py", "tests/test_maintenance.py",
@@ -86,17 +86,27 @@ class _Mutator(ast.NodeTransformer):
         self.count = 0
         self.points: List[Tuple[int, str, str]] = []
         self.function = "<module>"
+        self.klass = ""
+        self.name = ""
 
     def _point(self, node: ast.AST, what: str) -> bool:
-        if self.function == "<module>" or self.function in SKIPPED_FUNCTIONS:
+        if self.function == "<module>" or self.name in SKIPPED_FUNCTIONS:
             return False
         number = self.count
         self.count += 1
         self.points.append((getattr(node, "lineno", 0), self.function, what))
         return number == self.target
 
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.AST:
+        outer, self.klass = self.klass, node.name
+        self.generic_visit(node)
+        self.klass = outer
+        return node
+
     def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
-        outer, self.function = self.function, node.name
+        outer = self.function
+        self.function = f"{self.klass}.{node.name}" if self.klass else node.name
+        self.name = node.name
         # The docstring is not code.
         body = node.body
         if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
@@ -106,6 +116,7 @@ class _Mutator(ast.NodeTransformer):
         for child in node.body:
             self.visit(child)
         self.function = outer
+        self.name = outer.rsplit(".", 1)[-1]
         return node
 
     def _statements(self, statements: List[ast.stmt]) -> List[ast.stmt]:

@@ -107,6 +107,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.woken: List[Request] = []  # served or failed, their greenlet not yet run
         self.dials: List[Any] = []  # tickets in flight (any generation)
         self.pinging: List[Any] = []  # slots out for a keepalive PING
+        self.closing: List[Any] = []  # CLOSE actions not yet carried out
         self.retired: set = set()  # slots out at disconnect()/close(): never idle again
         self.checkouts = 0
         self.timeouts = 0
@@ -126,9 +127,9 @@ class CoreMachine(RuleBasedStateMachine):
                 assert item.state in (SERVED, FAILED)
                 self.woken.append(item)
             elif kind is CLOSE:
-                assert not item.conn.closed, f"{item!r} closed twice"
-                item.conn.closed = True
-                self.core.closed(item)
+                # Closing is the shell's I/O: it finishes in a later step.
+                assert item not in self.closing, f"{item!r} closed twice"
+                self.closing.append(item)
             elif kind is DIAL:
                 self.dials.append(item)
 
@@ -221,6 +222,16 @@ class CoreMachine(RuleBasedStateMachine):
         assert self.core.release_unknown(FakeConnection(0)) == "not lent out by this pool"
         self.misuses += 1
 
+    @precondition(lambda self: self.closing)
+    @rule(data=st.data())
+    def close_finishes(self, data: st.DataObject) -> None:
+        slot = data.draw(st.sampled_from(self.closing))
+        self.closing.remove(slot)
+        assert not slot.conn.closed, f"{slot!r} closed twice"
+        slot.conn.closed = True
+        self.core.closed(slot)
+        self.act()
+
     # -- dials -------------------------------------------------------------------
 
     @precondition(lambda self: self.dials)
@@ -253,6 +264,7 @@ class CoreMachine(RuleBasedStateMachine):
         assert set(map(id, inherited)) >= {id(s) for s in self.held + self.pinging}
         self.held.clear()
         self.pinging.clear()
+        self.closing.clear()
         self.released.clear()
         self.retired.clear()
         self.woken = [r for r in self.woken] + [r for r in self.waiting]
@@ -333,6 +345,8 @@ class CoreMachine(RuleBasedStateMachine):
         assert all(s.state is LENT for s in held)
         assert all(s.state is IDLE for s in core.idle)
         assert all(not s.conn.closed for s in core.idle), "a closed connection is idle"
+        current_closing = [s for s in self.closing if s.generation == core.generation]
+        assert core.closing == len(current_closing), (core.closing, current_closing)
         assert not set(core.idle) & self.retired, "a connection marked by disconnect() came back idle"
         live_dials = [t for t in self.dials if t.generation == core.generation and not t.settled]
         assert core.dialling == len(live_dials)
