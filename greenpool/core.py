@@ -250,7 +250,7 @@ class PoolCore:
         return None
 
     def checked(self, slot: Slot, ok: bool) -> bool:
-        """The readiness check of a slot :meth:`lend` returned: lend it if *ok*."""
+        """The readiness check of a slot :meth:`lend_any` returned: lend it if *ok*."""
         self._expect(slot, CHECKING)
         if ok:
             slot.state = LENT
