@@ -129,7 +129,9 @@ def test_a_genuine_release_after_a_double_release_during_a_hand_off(make_pool, c
 def test_a_dial_finishing_after_close_is_closed(make_pool, tcp_proxy, server_clients):
     """A connection whose dial ends after close() is closed at once."""
     tcp_proxy.first_reply_delay = 0.3
-    pool = BlockingConnectionPool.from_url(tcp_proxy.url, max_connections=1, timeout=5)
+    # A client name makes every redis-py version wait for a handshake reply.
+    pool = BlockingConnectionPool.from_url(tcp_proxy.url, max_connections=1, timeout=5,
+                                           client_name="late")
     caller = gevent.spawn(pool.get_connection)
     gevent.sleep(0.1)
     assert pool.stats().dialling == 1
@@ -233,7 +235,8 @@ def test_pool_timeout_names_the_last_connection_error(make_pool, tcp_proxy, monk
         calls.append(1)
         if len(calls) == 1:
             raise redis.exceptions.ConnectionError("boom: connection refused")
-        return redis.Connection(host=tcp_proxy.host, port=tcp_proxy.port)
+        # The handshake (CLIENT SETNAME) hangs on every redis-py version.
+        return redis.Connection(host=tcp_proxy.host, port=tcp_proxy.port, client_name="hang")
 
     monkeypatch.setattr(pool, "make_connection", make_connection)
     first = gevent.spawn(pool.get_connection)
