@@ -133,12 +133,11 @@ class Request:
 class DialTicket:
     """One dial's claim on a slot, settled exactly once."""
 
-    __slots__ = ("generation", "settled", "greenlet")
+    __slots__ = ("generation", "settled")
 
     def __init__(self, generation: int) -> None:
         self.generation = generation
         self.settled = False
-        self.greenlet: Any = None  #: set by the shell
 
 
 class PoolCore:

@@ -161,22 +161,23 @@ class _Mutator(ast.NodeTransformer):
             return node.operand
         return node
 
+    def _swap_sign(self, node: ast.AST) -> None:
+        """``+`` <-> ``-`` in a BinOp or an AugAssign."""
+        op = node.op  # type: ignore[attr-defined]
+        if isinstance(op, (ast.Add, ast.Sub)):
+            other = ast.Sub if isinstance(op, ast.Add) else ast.Add
+            if self._point(node, f"{type(op).__name__}->{other.__name__} in "
+                                 f"`{ast.unparse(node)[:60]}`"):
+                node.op = other()  # type: ignore[attr-defined]
+
     def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST:
         self.generic_visit(node)
-        if isinstance(node.op, (ast.Add, ast.Sub)):
-            other = ast.Sub if isinstance(node.op, ast.Add) else ast.Add
-            if self._point(node, f"{type(node.op).__name__}->{other.__name__} in "
-                                 f"`{ast.unparse(node)[:60]}`"):
-                node.op = other()
+        self._swap_sign(node)
         return node
 
     def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
         self.generic_visit(node)
-        if isinstance(node.op, (ast.Add, ast.Sub)):
-            other = ast.Sub if isinstance(node.op, ast.Add) else ast.Add
-            if self._point(node, f"{type(node.op).__name__}->{other.__name__} in "
-                                 f"`{ast.unparse(node)[:60]}`"):
-                node.op = other()
+        self._swap_sign(node)
         return node
 
     def visit_Constant(self, node: ast.Constant) -> ast.AST:
