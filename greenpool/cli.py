@@ -82,22 +82,10 @@ def _resolve(url: Optional[str]) -> "Resolved":
 
 
 def _redact(url: str) -> str:
-    """*url* without its password (in the authority or a ``password=`` option)."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    """*url* without its password (see :func:`greenpool.config.redact`)."""
+    from . import config
 
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{hostport}"
-    query = parts.query
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if any(key == "password" for key, _ in pairs):
-        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url  # untouched, so unix:///path keeps its three slashes
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    return str(config.redact(url))
 
 
 def _number(value: float) -> str:

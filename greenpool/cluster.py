@@ -195,7 +195,10 @@ class _NodePools:
     """
 
     def __init__(self, resolved: config.Resolved) -> None:
-        self._resolved = resolved
+        # Every setting, as the cluster resolved it: given explicitly to each
+        # node's pool, so the nodes cannot differ.
+        self._settings = {k: v for k, v in resolved.options.items() if k != "url"}
+        self._sources = resolved.sources
         #: node name ("host:port") -> its pool, in order of creation
         self.pools: Dict[str, ClusterNodePool] = {}
 
@@ -209,12 +212,10 @@ class _NodePools:
             # Redis(ssl=True) would pick the class; the pool takes the class.
             kwargs.setdefault("connection_class", redis.SSLConnection)
         kwargs.pop("queue_class", None)  # redis-py's BlockingConnectionPool's own
-        options = dict(self._resolved.options)
-        options["name"] = f"{options['name']}/{node}" if options["name"] else node
-        resolved = config.Resolved(
-            types.MappingProxyType(options), self._resolved.sources, self._resolved.url
-        )
-        pool = self.pools[node] = ClusterNodePool(_resolved=resolved, **kwargs)
+        name = self._settings["name"]
+        settings = dict(self._settings, name=f"{name}/{node}" if name else node)
+        pool = self.pools[node] = ClusterNodePool(**kwargs, **settings)
+        pool.sources = self._sources
         return pool
 
     def close(self) -> None:
@@ -246,7 +247,6 @@ class RedisCluster(redis.cluster.RedisCluster):
         startup_nodes: Optional[List[ClusterNode]] = None,
         *,
         url: Optional[str] = None,
-        _resolved: Optional[config.Resolved] = None,
         **kwargs: Any,
     ) -> None:
         if "connection_pool_class" in kwargs:
@@ -255,17 +255,16 @@ class RedisCluster(redis.cluster.RedisCluster):
                 "configure the node pools with greenpool settings (max_connections=...)"
             )
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in config.SETTINGS_BY_NAME}
-        if _resolved is None:
-            _resolved = config.resolve(url=url, overrides=settings)
+        resolved = config.resolve(url=url, overrides=settings, read_url=False)
         if url is not None:
-            url = _resolved.url  # without greenpool's query options
+            url = resolved.url  # without greenpool's query options
         elif host is not None:
             url = _url(host, port)
         elif startup_nodes:
             url = _url(startup_nodes[0].host, startup_nodes[0].port)
         # redis-py calls connection_pool_class only for a client built from a
         # URL, so one is always given; the other startup nodes stay as they are.
-        self._node_pools = _NodePools(_resolved)
+        self._node_pools = _NodePools(resolved)
         super().__init__(
             None, port, list(startup_nodes or []), url=url,
             connection_pool_class=self._node_pools, **kwargs,
@@ -366,7 +365,7 @@ def from_env(
     if nodes_text is None and variable in environ:
         nodes_text, where = environ[variable], variable
     settings = {k: overrides.pop(k) for k in list(overrides) if k in config.SETTINGS_BY_NAME}
-    resolved = config.resolve(environ, prefix=prefix, overrides=settings)
+    resolved = config.resolve(environ, prefix=prefix, url=overrides.pop("url", None), overrides=settings)
     startup_nodes = []
     if nodes_text is not None:
         if not isinstance(nodes_text, str):
@@ -377,6 +376,11 @@ def from_env(
             f"{variable} or {prefix}URL must name at least one cluster node "
             f"(got neither; {variable} must be {_NODES_FORM})"
         )
-    return RedisCluster(
-        startup_nodes=startup_nodes, url=resolved.url, _resolved=resolved, **overrides
+    client = RedisCluster(
+        startup_nodes=startup_nodes, url=resolved.url,
+        **{k: v for k, v in resolved.options.items() if k != "url"}, **overrides,
     )
+    for pool in client.node_pools().values():
+        pool.sources = resolved.sources
+    client._node_pools._sources = resolved.sources  # for nodes found later
+    return client

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import inspect
 import math
 import numbers
 import os
@@ -27,6 +28,7 @@ from typing import Any, Literal
 from urllib.parse import unquote_plus
 
 import redis
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
 
 from . import keepalive
 from .errors import ConfigError
@@ -34,7 +36,8 @@ from .errors import ConfigError
 __all__ = [
     "Setting", "SETTINGS", "SETTINGS_BY_NAME", "TOPOLOGY_SETTINGS", "Resolved",
     "validate", "validate_all", "parse", "parse_addresses", "resolve", "describe",
-    "readme_table", "connection_kwargs",
+    "readme_table", "connection_kwargs", "redact", "split", "Split", "DEFAULT",
+    "check_connection_class", "connection_parameters",
 ]
 
 Kind = Literal["int", "duration", "bool", "str", "url", "addresses", "role"]
@@ -179,17 +182,38 @@ _URL_SCHEMES = ("redis://", "rediss://", "unix://")
 _ADDRESS_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:,\[\]]+)):(?P<port>[0-9]+)")
 _ADDRESSES_FORM = "a comma-separated list of host:port such as 127.0.0.1:26379,127.0.0.1:26380"
 _INVALID = object()
+# A password= query option, or key=value pair, whatever precedes it.
+_PASSWORD_OPTION = re.compile(r"((?:^|[?&;\s])password=)[^&#\s]*", re.I)
 
 
-def _redact(value: Any) -> Any:
-    # A URL may carry a password: never echo it into an exception or a log.
-    if isinstance(value, str) and "://" in value:
-        return re.sub(r"(://[^:@/]*:)[^@/]*@", r"\1***@", value)
-    return value
+def redact(value: Any) -> Any:
+    """*value* with any password in it masked as ``***``; other values unchanged.
+
+    The one place greenpool hides secrets: a URL's password (``redis://user:pw@h``)
+    and ``password=`` query options, in every error, log line, repr and
+    ``config`` output. Text without ``://`` or ``password=`` is returned as is.
+    """
+    if not isinstance(value, str):
+        return value
+    text = value
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        end = len(rest)
+        for mark in "/?#":
+            found = rest.find(mark)
+            if found != -1:
+                end = min(end, found)
+        authority = rest[:end]
+        if "@" in authority:
+            userinfo, _, hostport = authority.rpartition("@")
+            user, colon, _ = userinfo.partition(":")
+            authority = f"{user}{':***' if colon else ''}@{hostport}"
+        text = f"{scheme}://{authority}{rest[end:]}"
+    return _PASSWORD_OPTION.sub(r"\1***", text)
 
 
 def _fail(where: str, expected: str, got: Any) -> ConfigError:
-    return ConfigError(f"{where} must be {expected} (got {_redact(got)!r})")
+    return ConfigError(f"{where} must be {expected} (got {redact(got)!r})")
 
 
 def _setting(setting: Setting | str) -> Setting:
@@ -371,7 +395,7 @@ class Resolved:
 
     def __repr__(self) -> str:
         given = {k: v for k, v in self.sources.items() if v != "default"}
-        return f"Resolved(url={_redact(self.url)!r}, sources={given!r})"
+        return f"Resolved(url={redact(self.url)!r}, sources={given!r})"
 
 
 def _check_variables(environ: Mapping[str, str], prefix: str, known: set[str]) -> None:
@@ -389,24 +413,32 @@ def _check_variables(environ: Mapping[str, str], prefix: str, known: set[str]) -
         raise ConfigError(f"unknown environment variable{plural} {', '.join(items)}")
 
 
-def _split_query(url: str) -> tuple[str, dict[str, str]]:
-    # Take our options out and leave the rest, byte for byte, to redis-py's
-    # parse_url: its parsers are lax (to_bool reads "flase" as True) and it
-    # would hand e.g. idle_timeout to Connection. String surgery, because
-    # urlunsplit() turns unix:///path into unix:/path.
+def _split_query(url: str) -> tuple[str, dict[str, Any]]:
+    # Take the settings out of the query and leave the rest, byte for byte,
+    # to redis-py's parse_url. Settings redis-py's parse_url types itself
+    # (max_connections, socket_timeout ...) keep redis-py's meaning exactly:
+    # its parser reads them, blank values are ignored, the first of several
+    # wins. greenpool's own settings are parsed strictly: a blank, repeated
+    # or malformed value is an error. String surgery, because urlunsplit()
+    # turns unix:///path into unix:/path.
     rest, hash_mark, fragment = url.partition("#")
     base, _, query = rest.partition("?")
-    ours: dict[str, str] = {}
-    kept = []
+    ours: dict[str, Any] = {}
+    kept, typed = [], []
     for piece in query.split("&") if query else ():
         key, _, value = piece.partition("=")
         key = unquote_plus(key)
         if key not in SETTINGS_BY_NAME or key == "url":
             kept.append(piece)
+        elif key in URL_QUERY_ARGUMENT_PARSERS:
+            typed.append(piece)
         elif key in ours:
             raise ConfigError(f"URL query option {key} is given more than once")
         else:
-            ours[key] = unquote_plus(value)
+            ours[key] = parse(key, unquote_plus(value), where=f"URL query option {key}")
+    if typed:
+        for key, value in parse_url("redis://?" + "&".join(typed)).items():
+            ours[key] = validate(key, value, where=f"URL query option {key}")
     return base + "?" * bool(kept) + "&".join(kept) + hash_mark + fragment, ours
 
 
@@ -417,6 +449,7 @@ def resolve(
     url: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     ignore: Iterable[str] = (),
+    read_url: bool = True,
 ) -> Resolved:
     """Find every setting's value: argument > URL query > environment > default.
 
@@ -428,6 +461,9 @@ def resolve(
         as given even when its value is None. Non-setting keys pass through.
     :param ignore: full variable names under ``prefix`` that belong to something
         else (test tooling, say) and are not reported as unknown.
+    :param read_url: read ``GREENPOOL_URL`` and ``REDIS_URL``; pools built in
+        code pass False: only :func:`greenpool.from_env` takes its server
+        from the environment.
     :raises ConfigError: for a bad value or relation, or a variable under
         ``prefix`` that is no setting (naming the closest one).
     """
@@ -442,6 +478,8 @@ def resolve(
     sources: dict[str, Source] = dict.fromkeys(values, "default")
     for setting in SETTINGS:
         variable = prefix + setting.env
+        if setting.name == "url" and not read_url:
+            continue
         if setting.name == "url" and variable not in environ:
             variable = "REDIS_URL"
         if variable in environ:
@@ -452,9 +490,8 @@ def resolve(
         values["url"], sources["url"] = validate("url", explicit["url"]), "argument"
     if values["url"] is not None:
         values["url"], query = _split_query(values["url"])
-        for name, text in query.items():
-            values[name] = parse(name, text, where=f"URL query option {name}")
-            sources[name] = "url"
+        for name, value in query.items():
+            values[name], sources[name] = value, "url"
     for name, value in explicit.items():
         if name != "url":
             is_setting = name in SETTINGS_BY_NAME
@@ -493,6 +530,171 @@ def connection_kwargs(
     return kwargs
 
 
+class _Default:
+    """The default of a pool constructor's setting parameters (see :data:`DEFAULT`)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+    def __reduce__(self) -> str:
+        return "DEFAULT"
+
+
+#: "Not given": the setting's ``GREENPOOL_*`` variable applies, else its
+#: default from :data:`SETTINGS`. (None cannot mean that: ``timeout=None``
+#: waits for ever.)
+DEFAULT: Any = _Default()
+
+# redis-py's pools take these beside the connection's options; greenpool's
+# hands them to redis-py's ConnectionPool.__init__ (client-side cache,
+# maintenance notifications), which consumes them.
+_POOL_KEYWORDS = frozenset(
+    name
+    for init in (redis.ConnectionPool.__init__,)
+    for name in inspect.signature(init).parameters
+    if name not in ("self", "connection_class", "max_connections", "connection_kwargs")
+) | ({"cache", "cache_config"} if "cache_config" in inspect.signature(redis.Redis.__init__).parameters else set())
+_NOT_SUPPORTED = {
+    "queue_class": "greenpool queues waiters itself, oldest first; queue_class is an "
+                   "option of redis-py's BlockingConnectionPool only",
+}
+_CONNECTION_BASES: tuple[type, ...] = tuple(
+    getattr(redis.connection, name) for name in ("AbstractConnection", "CacheProxyConnection")
+    if hasattr(redis.connection, name)
+)
+
+
+def connection_parameters(connection_class: type) -> frozenset[str] | None:
+    """The keyword arguments *connection_class* accepts, or None if any may be.
+
+    Follows ``__init__`` up the class's MRO while each passes ``**kwargs`` on
+    (as redis-py's connection classes do) and stops at the first that takes
+    no ``**kwargs``. None when every one does: then nothing can be checked.
+    """
+    names: set[str] = set()
+    for klass in connection_class.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        try:
+            parameters = list(inspect.signature(init).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        names.update(p.name for p in parameters[1:]
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return frozenset(names)
+    return None
+
+
+def check_connection_class(connection_class: Any) -> None:
+    """Refuse, by name, a *connection_class* that is not a redis-py connection class.
+
+    :raises ConfigError: naming ``connection_class``, what is expected, and
+        what was given.
+    """
+    if not (isinstance(connection_class, type) and issubclass(connection_class, _CONNECTION_BASES)):
+        raise ConfigError(
+            "connection_class must be a redis-py connection class such as "
+            f"redis.Connection, redis.SSLConnection or redis.UnixDomainSocketConnection "
+            f"(got {connection_class!r})"
+        )
+
+
+def _check_names(given: Mapping[str, str], connection_class: type) -> None:
+    # given: keyword -> where it came from ("keyword argument", "URL query option").
+    accepted = connection_parameters(connection_class)
+    for name, where in given.items():
+        if name in _NOT_SUPPORTED:
+            raise ConfigError(f"{where} {name} is not supported: {_NOT_SUPPORTED[name]}")
+        if accepted is None or name in accepted or name in _POOL_KEYWORDS:
+            continue
+        known = sorted({s.name for s in SETTINGS} - {"url"} | accepted)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(
+            f"unknown {where} {name}{hint}: neither a greenpool setting nor a "
+            f"parameter of {connection_class.__module__}.{connection_class.__qualname__}"
+        )
+
+
+@dataclass(frozen=True)
+class Split:
+    """What :func:`split` made of a pool's arguments: what goes where."""
+
+    #: greenpool's settings, with their sources and the URL they came with
+    resolved: Resolved
+    #: the connection class: explicit, else the URL's scheme's, else the default
+    connection_class: type
+    #: read-only: the keyword arguments for *connection_class*: the caller's,
+    #: the URL's, and the TCP keepalive options the settings drive
+    connection_kwargs: Mapping[str, Any]
+
+
+def split(
+    kwargs: Mapping[str, Any],
+    *,
+    url: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    prefix: str = "GREENPOOL_",
+    url_from_env: bool = False,
+    default_class: type = redis.Connection,
+) -> Split:
+    """Split a pool's arguments into greenpool settings and connection options.
+
+    The one construction path: :class:`~greenpool.BlockingConnectionPool`,
+    its ``from_url``, :func:`~greenpool.from_env`, and the Sentinel and
+    Cluster pools all come through here, so each keyword means the same
+    everywhere.
+
+    - A keyword that is a setting is validated (a value of :data:`DEFAULT`
+      means not given; so does ``max_connections=None``, what redis-py and
+      Celery pass for "not set": the pool stays bounded).
+    - Settings not given come from the URL's query, then the environment
+      (``GREENPOOL_*``), then their defaults. The URL itself comes only from
+      *url*, or from ``GREENPOOL_URL``/``REDIS_URL`` with *url_from_env*.
+    - The URL's other parts mean exactly what redis-py's ``parse_url`` makes
+      of them, and win over keywords as in redis-py's ``from_url``; an
+      explicit ``connection_class`` wins over the URL's scheme.
+    - Every remaining keyword and query option must be a parameter of the
+      connection class (or one redis-py's pools take); anything else is an
+      error naming it, with the closest known name.
+
+    :raises ConfigError: for a bad value, an unknown name or a connection
+        class that is not redis-py's.
+    """
+    given = {k: v for k, v in kwargs.items() if v is not DEFAULT}
+    if "max_connections" in given and given["max_connections"] is None:
+        del given["max_connections"]
+    if "url" in given:
+        raise ConfigError(
+            "url is not a keyword argument of the pool: use "
+            "BlockingConnectionPool.from_url(url, ...) or greenpool.from_env()"
+        )
+    connection_class = given.pop("connection_class", None)
+    settings = {k: given.pop(k) for k in list(given) if k in SETTINGS_BY_NAME}
+    resolved = resolve(environ, prefix=prefix, url=url, overrides=settings, read_url=url_from_env)
+    from_url: dict[str, Any] = {}
+    if resolved.url is not None:
+        from_url = parse_url(resolved.url)
+        url_class = from_url.pop("connection_class", None)
+        connection_class = connection_class or url_class
+    connection_class = connection_class or default_class
+    check_connection_class(connection_class)
+    where = dict.fromkeys(given, "keyword argument")
+    where.update(dict.fromkeys(from_url, "URL query option"))
+    for name in ("host", "port", "path", "db", "username", "password"):
+        if name in from_url:
+            where.pop(name)  # the URL's authority and path, not its query
+    _check_names(where, connection_class)
+    options = {**given, **from_url}
+    for key, value in connection_kwargs(resolved.options, connection_class).items():
+        options.setdefault(key, value)  # the user's own mapping wins
+    return Split(resolved, connection_class, types.MappingProxyType(options))
+
+
 def _default_text(setting: Setting) -> str:
     value = setting.default
     if value is None or setting.kind == "bool":
@@ -504,6 +706,17 @@ def describe(prefix: str = "GREENPOOL_") -> list[tuple[str, str, str, str]]:
     """Return one row per setting: (variable, keyword, default, description)."""
     return [(prefix + s.env, s.name, _default_text(s), s.description)
             for s in SETTINGS + TOPOLOGY_SETTINGS]
+
+
+def parameter_docs(indent: str = "    ") -> str:
+    """The settings as ``:param:`` lines, for the pool classes' docstrings."""
+    lines = []
+    for setting in SETTINGS:
+        if setting.name != "url":
+            lines.append(f"{indent}:param {setting.name}: {setting.description} "
+                         f"Default: ``{_default_text(setting)}``, variable "
+                         f"``GREENPOOL_{setting.env}``.")
+    return "\n".join(lines) + "\n"
 
 
 def readme_table() -> str:

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 
 import redis
 
+from . import config
 from .pool import BlockingConnectionPool
 
 __all__ = ["from_env", "redis_from_env"]
@@ -34,9 +35,9 @@ def from_env(
     :raises ConfigError: for a bad value, naming the variable, the expected
         form and the value received, or for an unknown ``GREENPOOL_*`` variable.
     """
-    return BlockingConnectionPool._build(
-        environ=environ, prefix=prefix, use_env_url=True, **overrides
-    )
+    url = overrides.pop("url", None)
+    split = config.split(overrides, url=url, environ=environ, prefix=prefix, url_from_env=True)
+    return BlockingConnectionPool._from_split(split)
 
 
 def redis_from_env(

@@ -26,17 +26,17 @@ import itertools
 import logging
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, List, Optional
 
 import redis
 from gevent import getcurrent
 from gevent.hub import Waiter, get_hub
 from gevent.monkey import get_original
-from redis.connection import parse_url
 
 from . import _fork, _redispy, config, maintenance
 from ._dial import DIAL_CONCURRENCY, Dialer
 from ._tracking import tracked_class
+from .config import DEFAULT
 from .core import (
     CHECKING,
     CLOSE,
@@ -62,7 +62,6 @@ logger = logging.getLogger("greenpool")
 _thread_ident: Callable[[], int] = get_original("_thread", "get_ident")
 
 _names = itertools.count(1)
-_UNSET: Any = object()  # "not given": None is a meaningful timeout
 class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
     """A fair, bounded, kill-safe blocking connection pool for gevent.
 
@@ -70,55 +69,76 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
     connection is busy, a caller waits cooperatively, in arrival order, up to
     *timeout* seconds, then gets :class:`~greenpool.PoolTimeout`.
 
-    :param max_connections: the most connections that exist at once, counting
-        idle ones, those in use and those being opened.
-    :param timeout: seconds a caller waits for a connection; ``None`` waits
-        for ever; ``0`` never waits for a busy connection (it still waits,
-        up to ``socket_connect_timeout``, for a connection being opened for
-        it when the pool can grow).
-    :param name: the pool's name in logs, errors and ``repr``.
-    :param connection_class: the redis-py connection class.
-    :param connection_kwargs: passed to *connection_class* (``host``,
-        ``port``, ``db``, ``password``, ``socket_timeout``, ``protocol`` ...).
+    Arguments, all validated here, once (a bad one is a
+    :class:`~greenpool.ConfigError` naming it):
 
-    The lifecycle options (``idle_timeout``, ``min_idle``, ``max_lifetime``,
-    ``validation_window``, keepalive, ``leak_detection_threshold``,
-    ``max_waiters``) are keyword-only; :mod:`greenpool.config` documents each.
-    Every value is validated here, once.
+    - ``max_connections`` and ``timeout`` may be given by position, as to
+      redis-py's ``BlockingConnectionPool``; ``max_connections=None`` means
+      "not set" (redis-py's and Celery's value for it): the pool stays
+      bounded, at ``GREENPOOL_MAX_CONNECTIONS`` or 50.
+    - Every other greenpool setting is keyword-only. A setting left at
+      ``DEFAULT`` takes its ``GREENPOOL_*`` variable, else the default listed
+      below; ``GREENPOOL_URL`` and ``REDIS_URL`` are never read here (use
+      :meth:`from_url` or :func:`greenpool.from_env`).
+    - ``connection_class``: a redis-py connection class (default
+      :class:`redis.Connection`).
+    - Any other keyword goes to *connection_class* (``host``, ``port``,
+      ``db``, ``password``, ``protocol`` ...) and must be one of its
+      parameters.
+
+    The settings:
+
     """
+
+    #: The monotonic clock every deadline and age is read from. A class
+    #: attribute, not a parameter: tests substitute it on a subclass.
+    _clock: Callable[[], float] = staticmethod(time.monotonic)
 
     def __init__(
         self,
-        max_connections: Any = _UNSET,
-        timeout: Any = _UNSET,
+        max_connections: Optional[int] = None,
+        timeout: Optional[float] = DEFAULT,
         *,
-        connection_class: type = redis.Connection,
-        clock: Callable[[], float] = time.monotonic,
-        _resolved: Optional[config.Resolved] = None,
-        **kwargs: Any,
+        connection_class: type = DEFAULT,
+        max_waiters: Optional[int] = DEFAULT,
+        name: Optional[str] = DEFAULT,
+        idle_timeout: Optional[float] = DEFAULT,
+        min_idle: int = DEFAULT,
+        max_lifetime: Optional[float] = DEFAULT,
+        validation_window: float = DEFAULT,
+        health_check_interval: float = DEFAULT,
+        socket_keepalive: bool = DEFAULT,
+        keepalive_idle: Optional[float] = DEFAULT,
+        keepalive_interval: Optional[float] = DEFAULT,
+        keepalive_count: Optional[int] = DEFAULT,
+        tcp_user_timeout: Optional[float] = DEFAULT,
+        keepalive_ping_interval: Optional[float] = DEFAULT,
+        leak_detection_threshold: Optional[float] = DEFAULT,
+        socket_timeout: Optional[float] = DEFAULT,
+        socket_connect_timeout: Optional[float] = DEFAULT,
+        client_name: Optional[str] = DEFAULT,
+        **connection_kwargs: Any,
     ) -> None:
-        given = dict(kwargs, max_connections=max_connections, timeout=timeout)
-        settings = {k: v for k, v in given.items() if k in config.SETTINGS_BY_NAME and v is not _UNSET}
-        connection_kwargs = {k: v for k, v in given.items() if k not in config.SETTINGS_BY_NAME}
-        if "url" in settings:
-            raise TypeError("BlockingConnectionPool() takes no url: use BlockingConnectionPool.from_url(url)")
-        if _resolved is None:
-            _resolved = config.resolve(overrides=settings)
-        options = dict(_resolved.options)
+        given = {k: v for k, v in locals().items() if k not in ("self", "connection_kwargs", "__class__")}
+        self._setup(config.split({**given, **connection_kwargs}))
+
+    def _setup(self, split: config.Split) -> None:
+        # Everything __init__ does once the arguments are split; from_url()
+        # and from_env() come here with theirs.
+        options = dict(split.resolved.options)
         del options["url"]
         self.options = options
         #: Where each setting's value came from: argument, url, environment or default.
-        self.sources = _resolved.sources
+        self.sources = split.resolved.sources
         self.max_connections: int = options["max_connections"]
         self.timeout: Optional[float] = options["timeout"]
         self.name: str = options["name"] or f"greenpool-{next(_names)}"
-        self._clock = clock
         self._track_leaks: bool = options["leak_detection_threshold"] is not None
         self._dial_timeout: Optional[float] = options["socket_connect_timeout"]
         lifetime = options["max_lifetime"]
         self._core = PoolCore(
             self.max_connections,
-            clock=clock,
+            clock=self._clock,
             max_waiters=options["max_waiters"],
             # timeout=0 callers never wait for a busy connection, so nothing
             # damps their dials: each gets its own.
@@ -126,14 +146,12 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
             validation_window=options["validation_window"],
             max_lifetime=float("inf") if lifetime is None else lifetime,
         )
-        self._tracked_class = tracked_class(connection_class)
+        self._tracked_class = tracked_class(split.connection_class)
         self._dialer = Dialer(self)
         self._maintenance: Optional[maintenance.Maintenance] = None
         self._thread: Optional[int] = None
         self._orphans: List[Any] = []
-        for key, value in config.connection_kwargs(options, connection_class).items():
-            connection_kwargs.setdefault(key, value)  # the user's own mapping wins
-        _redispy.init_base(self, connection_class, connection_kwargs)
+        _redispy.init_base(self, split.connection_class, dict(split.connection_kwargs))
         self.max_connections = options["max_connections"]
         _fork.register(self)
 
@@ -141,32 +159,22 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
     def from_url(cls, url: str, **kwargs: Any) -> "BlockingConnectionPool":
         """Build a pool from a ``redis://``, ``rediss://`` or ``unix://`` URL.
 
-        Query options (``?max_connections=10&timeout=2``, and every greenpool
-        setting) are parsed strictly and apply unless the same keyword is
-        given: explicit argument > URL query > ``GREENPOOL_*`` variable >
-        default. redis-py's own query options (``db``, ``socket_timeout`` ...)
-        work as in redis-py.
+        The URL and the keywords mean what they mean to redis-py's
+        ``ConnectionPool.from_url``: redis-py's options (``db`` in the path or
+        the query, ``socket_timeout``, ``max_connections`` ...) are parsed by
+        redis-py and win over keywords. greenpool's own settings in the query
+        (``?idle_timeout=30s&min_idle=2``) are parsed strictly, and a keyword
+        wins over them. Settings given neither way come from ``GREENPOOL_*``
+        variables (never ``GREENPOOL_URL``), then defaults.
         """
-        return cls._build(url=url, **kwargs)
+        return cls._from_split(config.split(kwargs, url=config.validate("url", url)))
 
     @classmethod
-    def _build(
-        cls,
-        *,
-        url: Optional[str] = None,
-        environ: Optional[Mapping[str, str]] = None,
-        prefix: str = "GREENPOOL_",
-        use_env_url: bool = False,
-        **kwargs: Any,
-    ) -> "BlockingConnectionPool":
-        settings = {k: v for k, v in kwargs.items() if k in config.SETTINGS_BY_NAME}
-        resolved = config.resolve(environ, prefix=prefix, url=url, overrides=settings)
-        connection_kwargs: Dict[str, Any] = {}
-        if resolved.url is not None and (url is not None or use_env_url):
-            connection_kwargs = parse_url(resolved.url)
-        connection_kwargs.update((k, v) for k, v in kwargs.items() if k not in settings)
-        return cls(_resolved=resolved, **connection_kwargs)
-
+    def _from_split(cls, split: config.Split) -> "BlockingConnectionPool":
+        # A pool from arguments already split (from_url, from_env, cluster nodes).
+        pool = cls.__new__(cls)
+        pool._setup(split)
+        return pool
 
     # -- state -------------------------------------------------------------
 
@@ -472,11 +480,29 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
             return f"unix://{kw['path']}?db={kw.get('db', 0)}"
         return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
+    def _description(self) -> str:
+        # redis-py's description of a pool: its connection class and where it
+        # connects, as redis-py's Connection.repr_pieces() spells it, with
+        # credentials shown only as <REDACTED>.
+        kw, klass = self.connection_kwargs, self.connection_class
+        pieces = [("path", kw.get("path"))] if "path" in kw else [
+            ("host", kw.get("host", "localhost")), ("port", kw.get("port", 6379))]
+        pieces.append(("db", kw.get("db", 0)))
+        if kw.get("client_name"):
+            pieces.append(("client_name", kw["client_name"]))
+        pieces.extend((key, "<REDACTED>") for key in ("username", "password") if kw.get(key))
+        described = ",".join(f"{k}={v}" for k, v in pieces)
+        return f"<{klass.__module__}.{klass.__qualname__}({described})>"
+
     def __repr__(self) -> str:
         core = self._core
         state = " closed" if core.closed_flag else ""
         return (
             f"<greenpool.BlockingConnectionPool {self.name!r} {self._target()}{state} "
             f"size={core.size}/{self.max_connections} idle={len(core.idle)} "
-            f"in_use={len(core.out)} dialling={core.dialling} waiting={core.waiting}>"
+            f"in_use={len(core.out)} dialling={core.dialling} waiting={core.waiting} "
+            f"({self._description()})>"
         )
+
+
+BlockingConnectionPool.__doc__ = (BlockingConnectionPool.__doc__ or "").rstrip() + "\n\n" + config.parameter_docs()

@@ -48,8 +48,9 @@ from redis.sentinel import (
 )
 
 from . import _redispy, config
+from .config import DEFAULT
 from .errors import ConfigError
-from .pool import _UNSET, BlockingConnectionPool
+from .pool import BlockingConnectionPool
 
 __all__ = [
     "SentinelBlockingConnectionPool",
@@ -197,16 +198,14 @@ class SentinelBlockingConnectionPool(BlockingConnectionPool):
         self,
         service_name: str,
         sentinel_manager: Sentinel,
-        max_connections: Any = _UNSET,
-        timeout: Any = _UNSET,
+        max_connections: Optional[int] = None,
+        timeout: Optional[float] = DEFAULT,
         *,
         is_master: bool = True,
         check_connection: bool = False,
         ssl: bool = False,
         watch: bool = True,
         connection_class: Optional[type] = None,
-        _owns_sentinel: bool = False,
-        _resolved: Optional[config.Resolved] = None,
         **kwargs: Any,
     ) -> None:
         if connection_class is None:
@@ -218,18 +217,15 @@ class SentinelBlockingConnectionPool(BlockingConnectionPool):
         #: The master's (host, port) as last reported by the sentinels, or None.
         self.master_address: Optional[Address] = None
         self._replica_counter: Optional[int] = None
-        self._owns_sentinel = _owns_sentinel
+        #: Whether close() closes the sentinel manager's connections too
+        #: (set by master_for() and replica_for() for the manager they built).
+        self._owns_sentinel = False
         self._watch = watch and is_master
         self._watcher: Optional[_SwitchWatcher] = None
-        given = dict(kwargs, max_connections=max_connections, timeout=timeout)
-        settings = {k: v for k, v in given.items() if k in config.SETTINGS_BY_NAME and v is not _UNSET}
-        if "url" in settings:
+        if "url" in kwargs:
             raise TypeError("SentinelBlockingConnectionPool() takes no url: the sentinels name the server")
-        if _resolved is None:
-            _resolved = config.resolve(overrides=settings)
-        connection_kwargs = {k: v for k, v in kwargs.items() if k not in config.SETTINGS_BY_NAME}
-        super().__init__(connection_class=connection_class, _resolved=_resolved, **connection_kwargs)
-        if self.sources["name"] == "default":
+        super().__init__(max_connections, timeout, connection_class=connection_class, **kwargs)
+        if self.options["name"] is None:
             self.name = f"{service_name}/{'master' if is_master else 'replica'}"
         # The connections call back into the pool (get_master_address,
         # rotate_slaves) through a weak proxy, as redis-py's do: a strong
@@ -366,7 +362,7 @@ def _client(
     is_master: bool,
     sentinel_kwargs: Optional[Mapping[str, Any]],
     redis_class: type,
-    _resolved: Optional[config.Resolved] = None,
+    sources: Optional[Mapping[str, "config.Source"]] = None,
     **kwargs: Any,
 ) -> Any:
     if not isinstance(service_name, str) or not service_name.strip():
@@ -384,9 +380,10 @@ def _client(
                 if k in ("socket_timeout", "socket_connect_timeout") and v is not None
             }
         manager = Sentinel(addresses, sentinel_kwargs=dict(sentinel_kwargs))
-    pool = SentinelBlockingConnectionPool(
-        service_name, manager, is_master=is_master, _owns_sentinel=owned, _resolved=_resolved, **kwargs
-    )
+    pool = SentinelBlockingConnectionPool(service_name, manager, is_master=is_master, **kwargs)
+    pool._owns_sentinel = owned
+    if sources is not None:
+        pool.sources = sources
     return redis_class(connection_pool=pool)
 
 
@@ -533,7 +530,8 @@ def from_env(
     connection_kwargs.update((k, v) for k, v in overrides.items() if k not in settings)
     return _client(
         list(found.sentinels), found.service_name, is_master=found.role == "master",
-        sentinel_kwargs=sentinel_kwargs, redis_class=redis_class, _resolved=resolved,
+        sentinel_kwargs=sentinel_kwargs, redis_class=redis_class, sources=resolved.sources,
+        **{k: v for k, v in resolved.options.items() if k != "url"},
         **connection_kwargs,
     )
 

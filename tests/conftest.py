@@ -30,7 +30,7 @@ import os
 import subprocess
 import textwrap
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator
+from typing import Any, Callable, Generator, Iterator, Optional
 
 import gevent
 import pytest
@@ -241,10 +241,15 @@ def make_pool(redis_server: RedisServer) -> Iterator[Callable[..., BlockingConne
     """``make_pool(**kw)``: a greenpool pool on the shared server, closed at teardown."""
     pools: list[BlockingConnectionPool] = []
 
-    def make(**kwargs: Any) -> BlockingConnectionPool:
+    def make(clock: Optional[Callable[[], float]] = None, **kwargs: Any) -> BlockingConnectionPool:
+        # clock=: a pool reading that clock (the pool's clock is a class
+        # attribute, substituted on a subclass).
         kwargs.setdefault("host", redis_server.host)
         kwargs.setdefault("port", redis_server.port)
-        pool = BlockingConnectionPool(**kwargs)
+        cls = BlockingConnectionPool
+        if clock is not None:
+            cls = type("FakeClockPool", (cls,), {"_clock": staticmethod(clock)})
+        pool = cls(**kwargs)
         pools.append(pool)
         return pool
 

@@ -322,7 +322,7 @@ def test_resolve_precedence() -> None:
     """Argument beats URL query, which beats environment, which beats default."""
     environ = {"GREENPOOL_MAX_CONNECTIONS": "9", "GREENPOOL_TIMEOUT": "9",
                "GREENPOOL_IDLE_TIMEOUT": "1m"}
-    resolved = resolve(environ, url="redis://h/0?max_connections=5&timeout=2s",
+    resolved = resolve(environ, url="redis://h/0?max_connections=5&timeout=2",
                        overrides={"max_connections": 4})
     got = {k: (resolved.options[k], resolved.sources[k]) for k in
            ("max_connections", "timeout", "idle_timeout", "min_idle")}
@@ -369,13 +369,29 @@ def test_resolve_keeps_unix_url_intact() -> None:
     assert parse_url(resolved.url)["path"] == "/tmp/redis.sock"
 
 
-def test_resolve_url_query_is_strict() -> None:
-    """A bad query value names the URL option, where redis-py would read True."""
-    with raises("URL query option socket_keepalive must be a boolean: 1, true, yes, "
-                "on, 0, false, no or off (got 'flase')"):
-        resolve({}, url="redis://h?socket_keepalive=flase")
-    with raises("URL query option timeout is given more than once"):
-        resolve({}, url="redis://h?timeout=1&timeout=2")
+def test_resolve_url_query_greenpool_settings_are_strict() -> None:
+    """greenpool's own query options: a bad, blank or repeated value names the option."""
+    with raises("URL query option idle_timeout must be a duration such as 30, 30s or "
+                "500ms (got '5 minutes')"):
+        resolve({}, url="redis://h?idle_timeout=5 minutes")
+    with raises("URL query option min_idle must be an integer >= 0 (got '')"):
+        resolve({}, url="redis://h?min_idle=")
+    with raises("URL query option min_idle is given more than once"):
+        resolve({}, url="redis://h?min_idle=1&min_idle=2")
+
+
+def test_resolve_url_query_redis_py_options_mean_what_redis_py_says() -> None:
+    """Options redis-py's parse_url types keep its meaning: its parser, blanks
+    ignored, the first of several wins; greenpool then checks the bounds."""
+    url = "redis://h?socket_keepalive=&socket_timeout=2.5&max_connections=7&max_connections=9"
+    options = resolve({}, url=url).options
+    assert (options["socket_keepalive"], options["socket_timeout"]) == (True, 2.5)
+    assert options["max_connections"] == 7
+    assert parse_url(url)["max_connections"] == 7  # redis-py's own reading
+    with pytest.raises(ValueError, match="Invalid value for 'max_connections'"):
+        resolve({}, url="redis://h?max_connections=ten")
+    with raises("URL query option max_connections must be an integer >= 1 (got 0)"):
+        resolve({}, url="redis://h?max_connections=0")
 
 
 def test_resolve_url_from_environment_has_query_options() -> None:
