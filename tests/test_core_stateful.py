@@ -41,9 +41,13 @@ from greenpool.core import (
     CLOSE,
     DIAL,
     FAILED,
+    GONE,
     HANDED,
     IDLE,
     LENT,
+    REFUSED_CLOSED,
+    REFUSED_TIMEOUT,
+    REFUSED_WAITERS,
     SERVED,
     WAITING,
     WAKE,
@@ -85,10 +89,11 @@ class CoreMachine(RuleBasedStateMachine):
         idle_timeout=st.sampled_from([None, 2.0, 10.0]),
         ping_interval=st.sampled_from([None, 3.0]),
         leak_threshold=st.sampled_from([None, 4.0]),
+        warm=st.integers(0, 4),
     )
     def setup(self, max_connections: int, max_waiters: Optional[int], dial_limit: int,
               lifetime: float, min_idle: int, idle_timeout: Optional[float],
-              ping_interval: Optional[float], leak_threshold: Optional[float]) -> None:
+              ping_interval: Optional[float], leak_threshold: Optional[float], warm: int) -> None:
         self.clock = Clock()
         self.core = PoolCore(
             max_connections, clock=self.clock, max_waiters=max_waiters,
@@ -113,6 +118,16 @@ class CoreMachine(RuleBasedStateMachine):
         self.timeouts = 0
         self.misuses = 0
         self.created = 0
+        self.wait_time = 0.0  # seconds waited by requests claimed or cancelled
+        # Start with up to `warm` idle connections, as min_idle would leave.
+        self.core.fill(warm)
+        self.act()
+        for ticket in list(self.dials):
+            self.dials.remove(ticket)
+            conn = FakeConnection(next(self.numbers))
+            assert self.core.dial_done(ticket, conn, conn) is not None
+            self.created += 1
+            self.act()
 
     # -- the shell: carrying out actions ---------------------------------------
 
@@ -135,27 +150,65 @@ class CoreMachine(RuleBasedStateMachine):
 
     # -- callers ---------------------------------------------------------------
 
-    @rule(check_ok=st.booleans(), zero_timeout=st.booleans())
-    def checkout(self, check_ok: bool, zero_timeout: bool) -> None:
+    def openable(self) -> int:
+        """What the pool may still open, by the model's count."""
         core = self.core
-        slot = core.lend()
+        closing = [s for s in self.closing if s.generation == core.generation]
+        return core.max_connections - len(core.idle) - len(core.out) - len(closing)
+
+    def lent(self, slot: Any) -> None:
+        """A slot a caller now holds: LENT, stamped now, counted."""
+        assert slot.state is LENT and not slot.conn.closed
+        assert slot.lent_at == self.clock.now, "lent_at is not the time of checkout"
+        self.checkouts += 1
+        self.held.append(slot)
+
+    @rule(check_ok=st.booleans(), zero_timeout=st.booleans(), hot_path=st.booleans())
+    def checkout(self, check_ok: bool, zero_timeout: bool, hot_path: bool) -> None:
+        """lend(), else lend_any() (the shell may also go straight to it), else admit()."""
+        core = self.core
+        slot = core.lend() if hot_path else None
         while slot is None:
+            fresh = bool(core.idle) and self.clock.now - core.idle[-1].idle_since <= 0.5
             slot = core.lend_any()
             self.act()
             if slot is None:
+                ahead, openable = len(core.queue), self.openable()
                 request = core.admit(zero_timeout=zero_timeout)
                 self.act()
-                if isinstance(request, Request):
-                    self.waiting.append(request)
-                elif request == "timeout":
+                if core.closed_flag:
+                    assert request is REFUSED_CLOSED
+                elif core.max_waiters is not None and ahead - openable >= core.max_waiters:
+                    assert request is REFUSED_WAITERS, (ahead, openable)
+                elif zero_timeout and ahead >= openable:
+                    assert request is REFUSED_TIMEOUT, (ahead, openable)
                     self.timeouts += 1
+                else:
+                    assert isinstance(request, Request) and request.state is WAITING, request
+                    self.waiting.append(request)
                 return
-            if slot.state is CHECKING and not core.checked(slot, check_ok):
+            # lend_any() lends a connection used within validation_window
+            # and checks an older one (expired ones close on the way).
+            age = self.clock.now - slot.idle_since
+            assert slot.state is (LENT if age <= 0.5 else CHECKING), (slot, age)
+            if fresh:
+                assert slot.state is LENT
+            if slot.state is CHECKING:
+                assert slot.conn in core.out
+                ok = core.checked(slot, check_ok)
+                assert ok is check_ok
                 self.act()
-                slot = None
-        assert slot.state is LENT and not slot.conn.closed
-        self.checkouts += 1
-        self.held.append(slot)
+                if not ok:
+                    slot = None
+        self.lent(slot)
+
+    @precondition(lambda self: self.core.idle)
+    @rule(seconds=st.sampled_from([0.2, 0.7, 3.0]), check_ok=st.booleans(),
+          hot_path=st.booleans())
+    def checkout_after_idling(self, seconds: float, check_ok: bool, hot_path: bool) -> None:
+        """Idle connections age, then a caller comes: fresh, checked, or expired."""
+        self.clock.now += seconds
+        self.checkout(check_ok, False, hot_path)
 
     @precondition(lambda self: self.woken)
     @rule(data=st.data())
@@ -167,10 +220,11 @@ class CoreMachine(RuleBasedStateMachine):
         if request.state is SERVED:
             slot = self.core.claim(request)
             assert not slot.conn.closed
-            self.checkouts += 1
-            self.held.append(slot)
+            self.wait_time += self.clock.now - request.since
+            self.lent(slot)
         else:
             self.core.cancel(request, timed_out=False)
+        assert request.state is GONE and request.slot is None, request
 
     @precondition(lambda self: self.waiting)
     @rule(data=st.data())
@@ -181,15 +235,22 @@ class CoreMachine(RuleBasedStateMachine):
         self.act()
         if request.generation == self.core.generation:
             self.timeouts += 1
+            self.wait_time += self.clock.now - request.since
+            assert request.state is GONE, request
 
     @precondition(lambda self: self.waiting or self.woken)
     @rule(data=st.data())
     def waiter_killed(self, data: st.DataObject) -> None:
         """GreenletExit while waiting, or just after a hand-off, before it ran."""
         request = data.draw(st.sampled_from(self.waiting + self.woken))
-        (self.waiting if request in self.waiting else self.woken).remove(request)
+        was_waiting = request in self.waiting
+        (self.waiting if was_waiting else self.woken).remove(request)
         self.core.cancel(request, timed_out=False)
         self.act()
+        if request.generation == self.core.generation:
+            if was_waiting:
+                self.wait_time += self.clock.now - request.since
+            assert request.state is GONE and request.slot is None, request
 
     @precondition(lambda self: self.held)
     @rule(data=st.data(), reason=st.sampled_from([None, None, None, "dirty", "broken"]))
@@ -270,6 +331,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.woken = [r for r in self.woken] + [r for r in self.waiting]
         self.waiting.clear()
         self.checkouts = self.timeouts = self.misuses = self.created = 0
+        self.wait_time = 0.0
 
     @rule()
     def close(self) -> None:
@@ -357,6 +419,8 @@ class CoreMachine(RuleBasedStateMachine):
         assert counters.timeouts == self.timeouts
         assert counters.misuses == self.misuses
         assert counters.created == self.created
+        assert math.isclose(counters.wait_time, self.wait_time, abs_tol=1e-6), (
+            counters.wait_time, self.wait_time)
 
 
 CoreMachine.TestCase.settings = settings(
@@ -393,3 +457,44 @@ def test_model_sees_a_broken_bound() -> None:
     run()
 
 
+
+
+def _core_with(idle: int) -> "tuple[PoolCore, Clock]":
+    clock = Clock()
+    core = PoolCore(2, clock=clock, max_waiters=None, dial_limit=2, validation_window=0.5,
+                    max_lifetime=math.inf, rand=lambda: 0.5)
+    core.fill(idle)
+    for _, ticket in list(core.outbox):
+        conn = FakeConnection(id(ticket))
+        core.dial_done(ticket, conn, conn)
+    core.outbox.clear()
+    return core, clock
+
+
+def test_core_refuses_impossible_transitions() -> None:
+    """The shell's contract is checked: a call in the wrong state raises
+    instead of corrupting the state (each would otherwise pass silently)."""
+    import pytest
+
+    core, clock = _core_with(1)
+    slot = core.lend()
+    assert slot is not None and slot.state is LENT
+    with pytest.raises(AssertionError, match="expected checking"):
+        core.checked(slot, True)  # only a CHECKING slot is checked
+    request = core.admit()
+    assert isinstance(request, Request)
+    with pytest.raises(AssertionError):
+        core.claim(request)  # not served yet
+    core.release(slot)
+    assert request.state is SERVED and request.slot is slot
+    slot.state = LENT  # as if the shell had lent the handed slot elsewhere
+    with pytest.raises(AssertionError, match="expected handed"):
+        core.cancel(request, timed_out=False)
+
+    core, clock = _core_with(1)
+    slot = core.lend()
+    request = core.admit()
+    core.release(slot)
+    slot.state = IDLE  # as if the handed slot had gone back idle
+    with pytest.raises(AssertionError, match="expected handed"):
+        core.claim(request)
