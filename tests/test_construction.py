@@ -276,3 +276,21 @@ def test_every_entry_point_splits_the_same_way(monkeypatch: pytest.MonkeyPatch) 
         with pytest.raises(ConfigError, match=re.escape("min_idel (did you mean min_idle?)")):
             build()
         assert len(calls) == before + 1
+
+
+def test_from_url_reads_setting_variables_but_not_the_url_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """from_url(): its URL, then GREENPOOL_* settings below the query's."""
+    monkeypatch.setenv("GREENPOOL_URL", "redis://elsewhere:1/9")
+    monkeypatch.setenv("GREENPOOL_MIN_IDLE", "2")
+    monkeypatch.setenv("GREENPOOL_TIMEOUT", "4")
+    pool = BlockingConnectionPool.from_url("redis://h:6390/1?timeout=1")
+    pool.close()
+    assert (pool.connection_kwargs["host"], pool.connection_kwargs["db"]) == ("h", 1)
+    assert (pool.options["min_idle"], pool.sources["min_idle"]) == (2, "environment")
+    assert (pool.timeout, pool.sources["timeout"]) == (1.0, "url")
+
+
+def test_url_is_not_a_constructor_keyword() -> None:
+    with pytest.raises(ConfigError, match=re.escape(
+            "url is not a keyword argument of the pool: use BlockingConnectionPool.from_url(url, ...)")):
+        BlockingConnectionPool(url="redis://h")
