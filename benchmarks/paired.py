@@ -13,7 +13,10 @@ redis-server, and prints each round and the medians with their ratio:
 - ``micro``: ns per uncontended ``get_connection()`` + ``release()`` of a
   warm connection (the code path DESIGN.md's "Cheap" line is about);
 - ``contended``: GET operations per second from 100 greenlets sharing one
-  ``redis.Redis`` on a pool of 8 connections.
+  ``redis.Redis`` on a pool of 8 connections;
+- ``serial``: GET operations per second from one greenlet: every release
+  leaves the connection idle while the hub runs (the idle watch's worst
+  case: armed and stopped once per command).
 
 The measurement code is inlined below, not imported from either tree, so
 both are measured the same way whatever their benchmarks/ hold.
@@ -54,7 +57,11 @@ def user():
         client.get("paired")
         ops[0] += 1
 gevent.joinall([gevent.spawn(user) for _ in range(100)], timeout=seconds + 30)
-print(json.dumps({"micro_ns": micro_ns, "contended_ops": ops[0] / seconds,
+contended = ops[0] / seconds
+ops = [0]
+stop = time.perf_counter() + seconds
+gevent.spawn(user).join(timeout=seconds + 30)
+print(json.dumps({"micro_ns": micro_ns, "contended_ops": contended, "serial_ops": ops[0] / seconds,
                   "version": greenpool.__file__}))
 pool.close()
 """
@@ -80,7 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from greenpool._server import RedisServer
 
     results: Dict[str, Dict[str, List[float]]] = {
-        side: {"micro_ns": [], "contended_ops": []} for side in ("before", "after")
+        side: {"micro_ns": [], "contended_ops": [], "serial_ops": []} for side in ("before", "after")
     }
     with RedisServer() as server:
         url = f"redis://127.0.0.1:{server.port}/0"
@@ -91,9 +98,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             for side in order:
                 tree = args.before if side == "before" else args.after
                 got = _measure(tree, url, args.micro, args.seconds)
-                for key in ("micro_ns", "contended_ops"):
+                for key in ("micro_ns", "contended_ops", "serial_ops"):
                     results[side][key].append(got[key])
-                line.append(f"{side} {got['micro_ns']:.0f} ns, {got['contended_ops']:.0f} ops/s")
+                line.append(f"{side} {got['micro_ns']:.0f} ns, {got['contended_ops']:.0f} ops/s, "
+                            f"serial {got['serial_ops']:.0f} ops/s")
             print(f"round {round_ + 1}: " + "; ".join(line), flush=True)
     med = {s: {k: statistics.median(v) for k, v in d.items()} for s, d in results.items()}
     print(
@@ -101,7 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"after {med['after']['micro_ns']:.0f} ns (after/before "
         f"{med['after']['micro_ns'] / med['before']['micro_ns']:.3f}); contended before "
         f"{med['before']['contended_ops']:.0f} ops/s, after {med['after']['contended_ops']:.0f} "
-        f"ops/s (after/before {med['after']['contended_ops'] / med['before']['contended_ops']:.3f})"
+        f"ops/s (after/before {med['after']['contended_ops'] / med['before']['contended_ops']:.3f}); "
+        f"serial before {med['before']['serial_ops']:.0f} ops/s, after {med['after']['serial_ops']:.0f} "
+        f"ops/s (after/before {med['after']['serial_ops'] / med['before']['serial_ops']:.3f})"
     )
     return 0
 

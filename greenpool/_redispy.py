@@ -24,7 +24,7 @@ import redis
 from gevent.monkey import get_original
 
 __all__ = [
-    "RedisPyInterface", "INHERITED", "init_base", "make_connection", "raw_connection", "sockets_of",
+    "RedisPyInterface", "INHERITED", "init_base", "make_connection", "raw_connection", "sockets_of", "socket_fd",
     "is_ready", "retire_reason", "from_before_fork", "neutralize",
 ]
 
@@ -139,6 +139,18 @@ def sockets_of(raw: Any) -> List[Any]:
     """The socket *raw* holds, if any."""
     sock = raw._sock
     return [] if sock is None else [sock]
+
+
+def socket_fd(raw: Any) -> Optional[int]:
+    """The file descriptor of *raw*'s socket, or None when it has none."""
+    sock = raw._sock
+    if sock is None:
+        return None
+    try:
+        fd = sock.fileno()
+    except (OSError, ValueError):
+        return None
+    return fd if fd >= 0 else None
 
 
 def is_ready(raw: Any) -> bool:

@@ -91,6 +91,7 @@ class Slot:
     __slots__ = (
         "conn", "raw", "generation", "state", "created_at", "expires_at",
         "idle_since", "lent_at", "retire", "reason", "holder", "stack", "leak_reported",
+        "watch", "watched",
     )
 
     def __init__(self, conn: Any, raw: Any, generation: int, now: float, expires_at: float) -> None:
@@ -110,6 +111,9 @@ class Slot:
         self.holder: Any = None
         self.stack: Any = None
         self.leak_reported = False
+        # The hub's read watcher while it is idle (greenpool._watch), the shell's.
+        self.watch: Any = None
+        self.watched = False
 
     def __repr__(self) -> str:
         return f"<Slot {self.state} {self.conn!r}>"

@@ -30,7 +30,7 @@ import gevent
 import redis
 from gevent.hub import Waiter, get_hub
 
-from . import _redispy
+from . import _redispy, _watch
 from .core import LENT
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -162,6 +162,7 @@ def run_once(pool: "BlockingConnectionPool", now: Optional[float] = None) -> Pla
     pool._act()
     for slot in decided.ping:
         if core.begin_ping(slot):
+            _watch.stop(slot)  # its PING's reply is no stranger's data
             _ping(pool, slot)
     return decided
 

@@ -33,7 +33,7 @@ from gevent import getcurrent
 from gevent.hub import Waiter, get_hub
 from gevent.monkey import get_original
 
-from . import _fork, _redispy, config, maintenance
+from . import _fork, _redispy, _watch, config, maintenance
 from ._dial import DIAL_CONCURRENCY, Dialer
 from ._tracking import tracked_class
 from .config import DEFAULT
@@ -42,6 +42,7 @@ from .core import (
     CLOSE,
     DIAL,
     FAILED,
+    IDLE,
     REFUSED_CLOSED,
     REFUSED_WAITERS,
     SERVED,
@@ -148,6 +149,7 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
         )
         self._tracked_class = tracked_class(split.connection_class)
         self._dialer = Dialer(self)
+        self._idle_watch = _watch.IdleWatch(self)
         self._maintenance: Optional[maintenance.Maintenance] = None
         self._thread: Optional[int] = None
         self._orphans: List[Any] = []
@@ -242,8 +244,11 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
                 if self._maintenance is None:
                     self._maintenance = maintenance.start(self)
                 self._dialer.start(item)
+        if self._core.idle:
+            self._idle_watch.schedule()  # connections that went idle: a dial, a ping, a hand-back
 
     def _close_connection(self, slot: Slot) -> None:
+        self._idle_watch.close(slot)
         try:
             slot.conn.disconnect()
         except Exception:  # a close that fails still frees the slot
@@ -264,13 +269,23 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
         slot = self._core.lend()
         if slot is None or self._track_leaks:
             return self._checkout(slot)
+        if slot.watched and not _watch.take(slot):
+            self._unfit(slot)
+            return self._checkout(None)
         return slot.conn
 
     def _checkout(self, slot: Optional[Slot]) -> Any:
         core = self._core
+        if slot is not None and slot.watched and not _watch.take(slot):
+            self._unfit(slot)
+            slot = None
         while slot is None:
             slot = core.lend_any()
             self._act()  # closes of expired connections, at once
+            if slot is not None and slot.watched and not _watch.take(slot):
+                self._unfit(slot)
+                slot = None
+                continue
             if slot is None:
                 slot = self._wait()
             elif slot.state is CHECKING:
@@ -287,6 +302,16 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
             slot.stack = traceback.extract_stack()
             slot.leak_reported = False
         return slot.conn
+
+    def _unfit(self, slot: Slot) -> None:
+        # A connection just taken from idle whose watch had an event pending
+        # (the server closed it, or sent on it, in this hub iteration) is
+        # closed instead of lent; the caller looks again.
+        if slot.state is CHECKING:
+            self._core.checked(slot, False)
+        else:
+            self._core.release(slot, "server_closed")
+        self._act()
 
     def _wait(self) -> Slot:
         core = self._core
@@ -389,6 +414,8 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
             logger.warning("pool %r ignored a release: %r was %s", self.name, connection, misuse)
         if core.outbox:
             self._act()
+        elif slot.state is IDLE:
+            self._idle_watch.schedule()
 
     def _release_unknown(self, connection: Any) -> None:
         if _redispy.from_before_fork(connection, self._orphans):

@@ -20,6 +20,7 @@ CLOSE_REASONS = (
     "idle",  # idle beyond min_idle for longer than idle_timeout
     "expired",  # older than max_lifetime
     "failed_check",  # dead or unexpected data at the checkout readiness check
+    "server_closed",  # an idle connection turned readable: EOF or unasked-for data
     "pool_closed",  # the pool was closed, or disconnect() was called
     "reconnect",  # redis-py asked for a reconnect (maintenance notifications)
     "stale",  # a subclass's reason: Sentinel closes connections to a former master
