@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Type
 
+from gevent import getcurrent
 from redis.exceptions import ResponseError
 
 __all__ = ["tracked_class", "ReplyTracking", "ReconnectTracking"]
@@ -36,6 +37,12 @@ class ReplyTracking:
     #: greenlet holding the connection touches it, so it needs no lock.
     _greenpool_owed = 0
 
+    #: The greenlet that last checked it out, wrote to or read from it: a
+    #: connection lent whose user is dead was abandoned (released by no one).
+    #: Reading and writing count, not only the checkout: a PubSub's worker
+    #: greenlet reads a connection another greenlet took.
+    _greenpool_user: Any = None
+
     def pack_commands(self, commands: Iterable[Any]) -> List[Any]:
         commands = list(commands)
         packed = _PackedCommands(super().pack_commands(commands))  # type: ignore[misc]
@@ -43,12 +50,14 @@ class ReplyTracking:
         return packed
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        self._greenpool_user = getcurrent()
         super().send_packed_command(command, check_health)  # type: ignore[misc]
         # Counted only once every byte is written: a failed or interrupted
         # write makes redis-py disconnect, which already forgave the count.
         self._greenpool_owed += getattr(command, "greenpool_replies", 1)
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        self._greenpool_user = getcurrent()
         try:
             response = super().read_response(*args, **kwargs)  # type: ignore[misc]
         except ResponseError:

@@ -148,6 +148,7 @@ def run_once(pool: "BlockingConnectionPool", now: Optional[float] = None) -> Pla
             # A connection inherited over fork, its fd already pointed at
             # /dev/null here: this closes the child's copy only.
             conn.disconnect()
+    pool._reclaim_abandoned()
     core = pool._core
     decided = plan(snapshot(core), now, pool.options)
     for slot in decided.close_expired:

@@ -43,6 +43,7 @@ from .core import (
     DIAL,
     FAILED,
     IDLE,
+    LENT,
     REFUSED_CLOSED,
     REFUSED_WAITERS,
     SERVED,
@@ -272,6 +273,7 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
         if slot.watched and not _watch.take(slot):
             self._unfit(slot)
             return self._checkout(None)
+        slot.raw._greenpool_user = getcurrent()
         return slot.conn
 
     def _checkout(self, slot: Optional[Slot]) -> Any:
@@ -287,6 +289,8 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
                 slot = None
                 continue
             if slot is None:
+                if self._reclaim_abandoned():
+                    continue
                 slot = self._wait()
             elif slot.state is CHECKING:
                 # Idle longer than validation_window: a non-blocking
@@ -295,6 +299,7 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
                 if not core.checked(slot, _redispy.is_ready(slot.raw)):
                     self._act()
                     slot = None
+        slot.raw._greenpool_user = getcurrent()
         if self._track_leaks:
             # Leak detection only: who holds the connection, and the stack
             # that took it (extract_stack costs some microseconds).
@@ -312,6 +317,24 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
         else:
             self._core.release(slot, "server_closed")
         self._act()
+
+    def _reclaim_abandoned(self) -> int:
+        """Close connections lent to greenlets that died without releasing
+        them (killed twice, say: the second kill skipped the release), and
+        free their slots. Runs when a caller would wait, and in maintenance.
+        """
+        core = self._core
+        dead = [slot for slot in core.out.values()
+                if slot.state is LENT and _is_dead(slot.raw._greenpool_user)]
+        for slot in dead:
+            where = ("checked out at:\n" + "".join(traceback.format_list(slot.stack))
+                     if slot.stack else "set leak_detection_threshold to record where it was checked out")
+            logger.warning("pool %r: %r was lent to %r, which died without releasing it; closing it "
+                           "(%s)", self.name, slot.conn, slot.raw._greenpool_user, where)
+            core.release(slot, "abandoned")
+        if dead:
+            self._act()
+        return len(dead)
 
     def _wait(self) -> Slot:
         core = self._core
@@ -533,3 +556,8 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
 
 
 BlockingConnectionPool.__doc__ = (BlockingConnectionPool.__doc__ or "").rstrip() + "\n\n" + config.parameter_docs()
+
+
+def _is_dead(user: Any) -> bool:
+    # A greenlet (gevent's or a raw one) that finished or was killed.
+    return user is not None and getattr(user, "dead", False)

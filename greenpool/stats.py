@@ -21,6 +21,7 @@ CLOSE_REASONS = (
     "expired",  # older than max_lifetime
     "failed_check",  # dead or unexpected data at the checkout readiness check
     "server_closed",  # an idle connection turned readable: EOF or unasked-for data
+    "abandoned",  # lent to a greenlet that died without releasing it
     "pool_closed",  # the pool was closed, or disconnect() was called
     "reconnect",  # redis-py asked for a reconnect (maintenance notifications)
     "stale",  # a subclass's reason: Sentinel closes connections to a former master
