@@ -52,7 +52,7 @@ TESTS = {
     "greenpool/_dial.py": [
         "tests/test_killsafe.py", "tests/test_blocking.py", "tests/test_pinned_behaviours.py",
         "tests/test_generations.py", "tests/test_tls.py", "tests/test_blackhole.py",
-        "tests/test_recovery.py",
+        "tests/test_recovery.py", "tests/test_dial.py",
     ],
 }
 

@@ -12,7 +12,6 @@ import logging
 
 import gevent
 import redis
-
 from pools import check_invariants
 
 

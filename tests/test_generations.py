@@ -145,7 +145,13 @@ def caller():
 c = gevent.spawn(caller)
 gevent.sleep(0.2)
 assert pool.stats().dialling == 1
+(record,) = pool._dialer._in_flight.values()
+fd = record.conn._sock.fileno()  # mid-handshake: the socket is the connection's
 pid = os.fork()
+if pid == 0:
+    # At once, before any greenlet runs: the dial's socket points at
+    # /dev/null here, its connection waits to be closed, the record is gone.
+    seen = (os.readlink("/proc/self/fd/%d" % fd), len(pool._orphans), len(pool._dialer._in_flight))
 try:
     bad = c.get(timeout=10)
     error = None
@@ -153,7 +159,7 @@ except Exception as exc:
     bad, error = None, repr(exc)
 if pid == 0:
     pool.check()
-    report(bad=bad, error=error, size=pool.stats().size)
+    report(bad=bad, error=error, size=pool.stats().size, seen=list(seen))
     os._exit(0)
 os.waitpid(pid, 0)
 pool.check()
@@ -173,3 +179,4 @@ def test_a_dial_in_flight_at_fork_never_shares_its_socket(
         assert got["parent"] == {"role": "parent", "bad": 0, "error": None, "dial_errors": 0}
         assert got["child"]["bad"] == 0 and got["child"]["error"] is None
         assert got["child"]["size"] == 1
+        assert got["child"]["seen"] == ["/dev/null", 1, 0]
