@@ -74,3 +74,12 @@ def test_a_killed_dial_reraises_its_kill_and_logs_no_failure(make_pool, tcp_prox
     assert "failed to open a connection" not in caplog.text
     conn = caller.get(timeout=5)  # a new dial serves the caller
     pool.release(conn)
+
+
+def test_a_finished_dial_leaves_no_record(make_pool):
+    pool = make_pool(max_connections=3, timeout=2)
+    held = [pool.get_connection() for _ in range(3)]
+    gevent.sleep(0.01)  # the dial greenlets' links run
+    assert pool._dialer._in_flight == {}
+    for conn in held:
+        pool.release(conn)
