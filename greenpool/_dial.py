@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 import gevent
 import gevent.socket
 import redis
+from gevent.hub import get_hub
 from gevent.monkey import get_original
 
 from . import _redispy
@@ -37,6 +38,14 @@ logger = logging.getLogger("greenpool")
 #: connections released meanwhile serve the waiters, and the pool grows only
 #: as far as the load lasts (HikariCP's single "connection adder" thread).
 DIAL_CONCURRENCY = 1
+
+#: Seconds after which a dial still in flight counts as slow: while callers
+#: wait beyond what the dials in flight will serve, another dial starts then,
+#: and every SLOW_DIAL after, within the pool's room. So one hung handshake
+#: (a stalled proxy, a dead node) cannot stop the pool from growing for the
+#: whole socket_connect_timeout, and dials quicker than this still damp a
+#: spike one at a time.
+SLOW_DIAL = 0.1
 
 # The socket classes a connect can leave behind: gevent's (which its
 # SSLSocket extends; socket.socket once patched) and the standard library's.
@@ -82,11 +91,12 @@ def close_sockets_in(exc: BaseException) -> None:
 class _InFlight:
     """The shell's side of one dial: its greenlet and connection object."""
 
-    __slots__ = ("greenlet", "conn")
+    __slots__ = ("greenlet", "conn", "timer")
 
     def __init__(self) -> None:
         self.greenlet: Any = None
         self.conn: Any = None
+        self.timer: Any = None  #: fires every SLOW_DIAL while the dial runs
 
 
 class Dialer:
@@ -104,9 +114,24 @@ class Dialer:
         # A dial killed before it ever ran (gevent.killall at shutdown) skips
         # _run's own bookkeeping: this link gives its slot back.
         dial.rawlink(functools.partial(self._ended, ticket))
+        timer = record.timer = get_hub().loop.timer(SLOW_DIAL, SLOW_DIAL)
+        timer.start(self._slow, ticket)
+
+    def _slow(self, ticket: DialTicket) -> None:
+        # In the hub, every SLOW_DIAL while *ticket*'s dial runs: if callers
+        # wait beyond what the dials in flight will serve, start one more.
+        pool = self._pool
+        core = pool._core
+        if ticket.settled or ticket.generation != core.generation:
+            return
+        if len(core.queue) > core.dialling and core.fill(1):
+            logger.debug("pool %r: a dial is slow; opening another one beside it", pool.name)
+            pool._act()
 
     def _ended(self, ticket: DialTicket, _dial: Any) -> None:
-        self._in_flight.pop(ticket, None)
+        record = self._in_flight.pop(ticket, None)
+        if record is not None and record.timer is not None:
+            record.timer.close()
         pool = self._pool
         pool._core.dial_failed(ticket, None)  # a no-op once the dial settled
         pool._act()
@@ -165,6 +190,8 @@ class Dialer:
         """
         conns = []
         for record in self._in_flight.values():
+            if record.timer is not None:
+                record.timer.stop()  # the parent's dial: nothing to escalate here
             sockets = _sockets_in(getattr(record.greenlet, "gr_frame", None))
             if record.conn is not None:
                 conns.append(record.conn)

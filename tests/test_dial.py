@@ -83,3 +83,33 @@ def test_a_finished_dial_leaves_no_record(make_pool):
     assert pool._dialer._in_flight == {}
     for conn in held:
         pool.release(conn)
+
+
+def test_one_hung_handshake_does_not_stop_the_pool_growing(make_pool, tcp_proxy):
+    """max_connections=8, 6 callers at once, the first dial's handshake hangs
+    (its reply held 3 s): more dials start beside it, every caller is served
+    within its 1 s timeout, and the bound holds."""
+    tcp_proxy.first_reply_delay = 3.0
+    pool = make_pool(max_connections=8, timeout=1, port=tcp_proxy.port, client_name="hung",
+                     socket_connect_timeout=5)
+    r = redis.Redis(connection_pool=pool)
+    first = gevent.spawn(r.ping)
+    gevent.sleep(0.05)  # the first dial is in its handshake; later connections are quick
+    tcp_proxy.first_reply_delay = 0.0
+    callers = [gevent.spawn(r.incr, "dial:n") for _ in range(5)]
+    gevent.joinall(callers, raise_error=True, timeout=5)
+    assert int(r.get("dial:n")) == 5
+    assert pool.stats().size <= 8
+    first.join(timeout=5)
+    assert first.successful(), first.exception
+
+
+def test_quick_dials_still_damp_a_spike(make_pool):
+    """50 simultaneous commands on 5 warm connections open only a few more."""
+    pool = make_pool(max_connections=50, timeout=5)
+    r = redis.Redis(connection_pool=pool)
+    held = [pool.get_connection() for _ in range(5)]
+    for conn in held:
+        pool.release(conn)
+    gevent.joinall([gevent.spawn(r.incr, "dial:spike") for _ in range(50)], raise_error=True, timeout=10)
+    assert pool.stats().size <= 10, pool.stats()
