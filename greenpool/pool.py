@@ -324,8 +324,13 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
         free their slots. Runs when a caller would wait, and in maintenance.
         """
         core = self._core
+        # Only a connection a dead user left mid-protocol (owing replies, or
+        # disconnected by redis-py as the kill cut a read short): one handed
+        # on cleanly (checked out in a greenlet that then ended, its holder
+        # another) is in use, not abandoned.
         dead = [slot for slot in core.out.values()
-                if slot.state is LENT and _is_dead(slot.raw._greenpool_user)]
+                if slot.state is LENT and _is_dead(slot.raw._greenpool_user)
+                and (slot.raw._greenpool_owed or not _redispy.sockets_of(slot.raw))]
         for slot in dead:
             where = ("checked out at:\n" + "".join(traceback.format_list(slot.stack))
                      if slot.stack else "set leak_detection_threshold to record where it was checked out")
