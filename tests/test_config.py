@@ -388,7 +388,7 @@ def test_resolve_url_query_redis_py_options_mean_what_redis_py_says() -> None:
     assert (options["socket_keepalive"], options["socket_timeout"]) == (True, 2.5)
     assert options["max_connections"] == 7
     assert parse_url(url)["max_connections"] == 7  # redis-py's own reading
-    with pytest.raises(ValueError, match="Invalid value for 'max_connections'"):
+    with pytest.raises(ValueError, match="Invalid value for .max_connections."):
         resolve({}, url="redis://h?max_connections=ten")
     with raises("URL query option max_connections must be an integer >= 1 (got 0)"):
         resolve({}, url="redis://h?max_connections=0")
