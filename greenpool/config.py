@@ -633,6 +633,11 @@ class Split:
     connection_kwargs: Mapping[str, Any]
 
 
+# None passed for these means "not set", as redis.Redis() and Celery pass it:
+# greenpool's setting (or its default) applies.
+_NONE_MEANS_UNSET = frozenset({"max_connections", "socket_keepalive", "socket_keepalive_options"})
+
+
 def split(
     kwargs: Mapping[str, Any],
     *,
@@ -650,8 +655,10 @@ def split(
     everywhere.
 
     - A keyword that is a setting is validated (a value of :data:`DEFAULT`
-      means not given; so does ``max_connections=None``, what redis-py and
-      Celery pass for "not set": the pool stays bounded).
+      means not given; so does None for ``max_connections``,
+      ``socket_keepalive`` and ``socket_keepalive_options``, what
+      ``redis.Redis()`` and Celery pass for "not set": the pool stays
+      bounded and greenpool's keepalive applies).
     - Settings not given come from the URL's query, then the environment
       (``GREENPOOL_*``), then their defaults. The URL itself comes only from
       *url*, or from ``GREENPOOL_URL``/``REDIS_URL`` with *url_from_env*.
@@ -665,9 +672,10 @@ def split(
     :raises ConfigError: for a bad value, an unknown name or a connection
         class that is not redis-py's.
     """
-    given = {k: v for k, v in kwargs.items() if v is not DEFAULT}
-    if "max_connections" in given and given["max_connections"] is None:
-        del given["max_connections"]
+    given = {
+        k: v for k, v in kwargs.items()
+        if v is not DEFAULT and not (v is None and k in _NONE_MEANS_UNSET)
+    }
     if "url" in given:
         raise ConfigError(
             "url is not a keyword argument of the pool: use "

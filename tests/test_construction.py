@@ -63,9 +63,22 @@ def test_redis_client_default_arguments_are_accepted() -> None:
         redis.Redis(client_name="x").close()
     finally:
         redis.client.ConnectionPool = saved
-    assert captured.get("max_connections") is None  # passed as None (redis-py 5+) or left out (4.6)
+    assert "max_connections" in captured and captured["max_connections"] is None
     pool = _pool(**captured)
     assert pool.max_connections == 50 and pool.connection_kwargs["client_name"] == "x"
+    # redis-py 4.6 also passes socket_keepalive=None, socket_keepalive_options=None.
+    assert pool.connection_kwargs["socket_keepalive"] is True
+    assert pool.connection_kwargs["socket_keepalive_options"]
+
+
+@pytest.mark.parametrize("name", ["max_connections", "socket_keepalive", "socket_keepalive_options"])
+def test_none_means_not_set_where_redis_py_passes_it(name: str) -> None:
+    """None for these is "not set" (redis.Redis() and Celery pass it): the
+    environment's setting, else greenpool's default, applies."""
+    pool = _pool(**{name: None})
+    assert pool.max_connections == 50
+    assert pool.connection_kwargs["socket_keepalive"] is True
+    assert pool.connection_kwargs["socket_keepalive_options"]
 
 
 # -- URLs mean what redis-py says ----------------------------------------------
