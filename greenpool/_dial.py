@@ -99,6 +99,24 @@ class _InFlight:
         self.timer: Any = None  #: fires every SLOW_DIAL while the dial runs
 
 
+def _out_of_time(pool: "BlockingConnectionPool", timeout: Optional[float], during: Optional[BaseException]) -> Exception:
+    """The error for a dial that outlived socket_connect_timeout.
+
+    Cut short after a failed attempt (*during* is what it raised, as
+    redis-py's connect retries report it; see ``ReplyTracking.disconnect``),
+    while redis-py backs off before the next one, the dial failed for that
+    reason, and the caller gets redis-py's ``ConnectionError`` saying so, as
+    redis-py's own pools give after their retries; cut short mid-attempt,
+    redis-py's ``TimeoutError``, as a connect timeout gives in redis-py.
+    """
+    where = f"pool {pool.name!r} could not open a connection to {pool._target()} within {timeout or 0:.2f} s"
+    if isinstance(during, (redis.exceptions.ConnectionError, OSError)):
+        error: Exception = redis.exceptions.ConnectionError(f"{where}; the last attempt failed: {during}")
+        error.__cause__ = during
+        return error
+    return redis.exceptions.TimeoutError(f"{where} (socket_connect_timeout)")
+
+
 class Dialer:
     """Runs the dials the core asks for, each in a greenlet of the pool's."""
 
@@ -156,10 +174,9 @@ class Dialer:
                     if exc is not timer:
                         raise
                     # (Its sockets are closed below: __context__ keeps it.)
-                    raise redis.exceptions.TimeoutError(
-                        f"pool {pool.name!r} could not open a connection to {pool._target()} "
-                        f"within {timeout:.2f} s (socket_connect_timeout)"
-                    ) from None
+                    failed = _redispy.raw_connection(conn)._greenpool_failure
+                    late = _out_of_time(pool, timeout, failed)
+                    raise late from late.__cause__  # the failed attempt, or None
         except BaseException as exc:
             if conn is not None:
                 conn.disconnect()  # a handshake cut short leaves its socket open

@@ -58,13 +58,18 @@ class ReplyTracking:
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         self._greenpool_user = getcurrent()
+        # Never below zero: a reply nobody counted (a PubSub or MONITOR
+        # message, or a write that bypassed send_packed_command) owes
+        # nothing, and must not cancel the count of a later command.
         try:
             response = super().read_response(*args, **kwargs)  # type: ignore[misc]
         except ResponseError:
             # An error reply is still a reply: it was read off the socket.
-            self._greenpool_owed -= 1
+            if self._greenpool_owed > 0:
+                self._greenpool_owed -= 1
             raise
-        self._greenpool_owed -= 1
+        if self._greenpool_owed > 0:
+            self._greenpool_owed -= 1
         return response
 
     #: Set when redis-py asks for a reconnect (see ReconnectTracking); read
@@ -78,12 +83,19 @@ class ReplyTracking:
     #: :func:`greenpool._redispy.sockets_of` and clears it (the rare path).
     _greenpool_broken = False
 
+    #: The error of the last failed connect attempt: redis-py's connect
+    #: retries call ``disconnect(error)`` after each. A dial cut short
+    #: while redis-py backs off before the next attempt failed of this.
+    _greenpool_failure: Any = None
+
     def disconnect(self, *args: Any, **kwargs: Any) -> None:
         try:
             super().disconnect(*args, **kwargs)  # type: ignore[misc]
         finally:
             self._greenpool_owed = 0
             self._greenpool_broken = True
+            if args and isinstance(args[0], BaseException):
+                self._greenpool_failure = args[0]
 
 
 class ReconnectTracking:

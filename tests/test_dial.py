@@ -113,3 +113,30 @@ def test_quick_dials_still_damp_a_spike(make_pool):
         pool.release(conn)
     gevent.joinall([gevent.spawn(r.incr, "dial:spike") for _ in range(50)], raise_error=True, timeout=10)
     assert pool.stats().size <= 10, pool.stats()
+
+
+def test_a_dial_out_of_time_between_retries_reports_the_failed_attempt(make_pool):
+    """Cut short while redis-py backs off after a refused connect, the dial
+    raises redis-py's ConnectionError with that refusal, as redis-py's pools
+    do after their retries (not a TimeoutError: nothing timed out)."""
+    from redis.backoff import ConstantBackoff
+    from redis.retry import Retry
+
+    from greenpool._server import free_port
+
+    pool = make_pool(max_connections=1, timeout=2, port=free_port(), socket_connect_timeout=0.2,
+                     retry=Retry(ConstantBackoff(30), 3))
+    with pytest.raises(redis.exceptions.ConnectionError, match=r"within 0\.20 s; the last attempt failed: .*refused") as info:
+        pool.get_connection()
+    assert not isinstance(info.value, redis.exceptions.TimeoutError)
+    assert isinstance(info.value.__cause__, redis.exceptions.ConnectionError)
+
+
+def test_a_dial_out_of_time_mid_attempt_is_a_timeout(make_pool, tcp_proxy):
+    """Cut short in a handshake that never ends, the dial raises redis-py's
+    TimeoutError naming socket_connect_timeout."""
+    tcp_proxy.first_reply_delay = 5
+    pool = make_pool(max_connections=1, timeout=2, port=tcp_proxy.port, socket_connect_timeout=0.2,
+                     client_name="hung")
+    with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.20 s \(socket_connect_timeout\)"):
+        pool.get_connection()
