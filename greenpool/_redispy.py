@@ -63,6 +63,11 @@ INHERITED = {
 }
 
 
+# Taken at import: a program (or redis-py's test suite, run through
+# greenpool) may rebind redis.ConnectionPool to greenpool's own class.
+_BASE_INIT = redis.connection.ConnectionPool.__init__
+
+
 def init_base(pool: Any, connection_class: type, connection_kwargs: dict) -> None:
     """Run redis-py's ``ConnectionPool.__init__`` on *pool*.
 
@@ -71,7 +76,7 @@ def init_base(pool: Any, connection_class: type, connection_kwargs: dict) -> Non
     maintenance notifications (7+), ``_lock``, ``pid``; then calls
     ``pool.reset()``, which must work on the freshly built core.
     """
-    redis.ConnectionPool.__init__(pool, connection_class=connection_class, **connection_kwargs)
+    _BASE_INIT(pool, connection_class=connection_class, **connection_kwargs)
 
 
 def stamp_process(pool: Any) -> None:

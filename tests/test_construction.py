@@ -337,3 +337,17 @@ def test_url_is_not_a_constructor_keyword() -> None:
     with pytest.raises(ConfigError, match=re.escape(
             "url is not a keyword argument of the pool: use BlockingConnectionPool.from_url(url, ...)")):
         BlockingConnectionPool(url="redis://h")
+
+
+def test_pools_build_with_redis_py_names_rebound_to_greenpool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program may make greenpool redis-py's pool everywhere by rebinding
+    redis.ConnectionPool (redis-py's suite is run so): the pool still builds."""
+    import redis.connection
+
+    for module in (redis, redis.connection):
+        monkeypatch.setattr(module, "ConnectionPool", BlockingConnectionPool)
+        monkeypatch.setattr(module, "BlockingConnectionPool", BlockingConnectionPool)
+    pool = redis.ConnectionPool(host="localhost", max_connections=3)
+    assert isinstance(pool, BlockingConnectionPool) and pool.max_connections == 3
+    pool.close()
+
