@@ -25,7 +25,7 @@ from gevent.monkey import get_original
 
 __all__ = [
     "RedisPyInterface", "INHERITED", "init_base", "make_connection", "raw_connection", "sockets_of", "socket_fd",
-    "is_ready", "retire_reason", "from_before_fork", "neutralize",
+    "set_socket_timeout", "is_ready", "retire_reason", "from_before_fork", "neutralize",
 ]
 
 _poll = get_original("select", "poll")
@@ -151,6 +151,13 @@ def socket_fd(raw: Any) -> Optional[int]:
     except (OSError, ValueError):
         return None
     return fd if fd >= 0 else None
+
+
+def set_socket_timeout(raw: Any, seconds: Optional[float]) -> None:
+    """Give *raw*'s socket, if it has one, the timeout *seconds* for its next calls."""
+    sock = raw._sock
+    if sock is not None:
+        sock.settimeout(seconds)
 
 
 def is_ready(raw: Any) -> bool:

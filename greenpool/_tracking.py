@@ -21,6 +21,8 @@ from typing import Any, Dict, Iterable, List, Type
 from gevent import getcurrent
 from redis.exceptions import ResponseError
 
+from ._dial import DialDeadline
+
 __all__ = ["tracked_class", "ReplyTracking", "ReconnectTracking"]
 
 
@@ -109,16 +111,17 @@ _CLASSES: Dict[type, type] = {}
 
 
 def tracked_class(connection_class: Type[Any]) -> Type[Any]:
-    """Return the reply-tracking subclass of *connection_class* (built once)."""
+    """Return the reply-tracking subclass of *connection_class* (built once),
+    whose dials are bounded by their deadline (:class:`greenpool._dial.DialDeadline`)."""
     if issubclass(connection_class, ReplyTracking):
         return connection_class
     try:
         return _CLASSES[connection_class]
     except KeyError:
         pass
-    mixins: tuple = (ReplyTracking,)
+    mixins: tuple = (ReplyTracking, DialDeadline)
     if hasattr(connection_class, "mark_for_reconnect"):
-        mixins = (ReconnectTracking, ReplyTracking)
+        mixins = (ReconnectTracking, *mixins)
     cls = type(
         connection_class.__name__,
         (*mixins, connection_class),
