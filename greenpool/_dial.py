@@ -108,8 +108,8 @@ class DialDeadline:
     the ``time.monotonic()`` by which the dial must be done, and each step
     waits at most for what remains when it starts: the TCP connect and the
     TLS handshake (``_connect``), each reply of the Redis handshake
-    (``read_response``). The dial gives the socket its ``socket_timeout``
-    back when it is done.
+    (``read_response``, through :meth:`_greenpool_read_step`). The dial gives
+    the socket its ``socket_timeout`` back when it is done.
     """
 
     #: The dial's deadline, on ``time.monotonic()``; None outside a dial.
@@ -153,10 +153,13 @@ class DialDeadline:
         finally:
             self.socket_connect_timeout, self.socket_timeout = connect, read
 
-    def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        if self._greenpool_deadline is not None:
-            _redispy.set_socket_timeout(self, self._greenpool_step(self.socket_timeout))
-        return super().read_response(*args, **kwargs)  # type: ignore[misc]
+    def _greenpool_read_step(self) -> None:
+        """Before each reply of the Redis handshake: wait at most what remains.
+
+        Called by ``ReplyTracking.read_response`` while a deadline is set,
+        so that outside a dial reading a reply costs one attribute test.
+        """
+        _redispy.set_socket_timeout(self, self._greenpool_step(self.socket_timeout))
 
 
 class _InFlight:
@@ -168,6 +171,24 @@ class _InFlight:
         self.greenlet: Any = None
         self.conn: Any = None
         self.timer: Any = None  #: fires every SLOW_DIAL while the dial runs
+
+
+def _out_of_time(pool: "BlockingConnectionPool", timeout: Optional[float], during: Optional[BaseException]) -> Exception:
+    """The error for a dial that outlived socket_connect_timeout.
+
+    Cut short after a failed attempt (*during* is what it raised, as
+    redis-py's connect retries report it; see ``ReplyTracking.disconnect``),
+    while redis-py backs off before the next one, the dial failed for that
+    reason, and the caller gets redis-py's ``ConnectionError`` saying so, as
+    redis-py's own pools give after their retries; cut short mid-attempt,
+    redis-py's ``TimeoutError``, as a connect timeout gives in redis-py.
+    """
+    where = f"pool {pool.name!r} could not open a connection to {pool._target()} within {timeout or 0:.2f} s"
+    if isinstance(during, (redis.exceptions.ConnectionError, OSError)):
+        error: Exception = redis.exceptions.ConnectionError(f"{where}; the last attempt failed: {during}")
+        error.__cause__ = during
+        return error
+    return redis.exceptions.TimeoutError(f"{where} (socket_connect_timeout)")
 
 
 class Dialer:
@@ -232,14 +253,16 @@ class Dialer:
                     if exc is not timer:
                         raise
                     # (Its sockets are closed below: __context__ keeps it.)
-                    raise self._spent(timeout) from None
+                    late = _out_of_time(pool, timeout, raw._greenpool_failure)
+                    raise late from late.__cause__  # the failed attempt, or None
                 except redis.exceptions.TimeoutError:
                     if not raw._greenpool_budget_bound:
                         raise  # socket_timeout's own, shorter than the budget
-                    raise self._spent(timeout) from None
+                    late = _out_of_time(pool, timeout, raw._greenpool_failure)
+                    raise late from late.__cause__
                 finally:
                     raw._greenpool_deadline = None
-            _redispy.set_socket_timeout(raw, raw.socket_timeout)
+            _redispy.restore_socket_timeout(raw)
         except BaseException as exc:
             if conn is not None:
                 conn.disconnect()  # a handshake cut short leaves its socket open
@@ -257,14 +280,6 @@ class Dialer:
             conn.disconnect()  # of a past generation, or settled by a kill
             return
         pool._act()
-
-    def _spent(self, timeout: Optional[float]) -> redis.exceptions.TimeoutError:
-        """The error of a dial that took all of socket_connect_timeout."""
-        pool = self._pool
-        return redis.exceptions.TimeoutError(
-            f"pool {pool.name!r} could not open a connection to {pool._target()} "
-            f"within {timeout or 0:.2f} s (socket_connect_timeout)"
-        )
 
     def after_fork_in_child(self) -> List[Any]:
         """In a forked child: make the parent's dials harmless here.

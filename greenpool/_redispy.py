@@ -11,7 +11,8 @@ there is either overridden by greenpool or reviewed in :data:`INHERITED`.
 Reads: ``Connection._sock`` (the socket, None once disconnected),
 ``CacheProxyConnection._conn`` (the connection behind the cache proxy),
 ``Connection.pid`` (the process that created it), ``ConnectionPool._lock``
-(what redis-py's cache proxy locks). Side effects relied upon: the base
+(what redis-py's cache proxy locks). Written: ``ConnectionPool.pid``
+(see :func:`stamp_process`). Side effects relied upon: the base
 ``ConnectionPool.__init__`` (see :func:`init_base`).
 """
 
@@ -24,8 +25,9 @@ import redis
 from gevent.monkey import get_original
 
 __all__ = [
-    "RedisPyInterface", "INHERITED", "init_base", "make_connection", "raw_connection", "sockets_of", "socket_fd",
-    "set_socket_timeout", "is_ready", "retire_reason", "from_before_fork", "neutralize",
+    "RedisPyInterface", "INHERITED", "init_base", "stamp_process", "make_connection", "raw_connection",
+    "sockets_of", "socket_fd", "set_socket_timeout", "restore_socket_timeout", "is_ready", "retire_reason",
+    "from_before_fork", "neutralize",
 ]
 
 _poll = get_original("select", "poll")
@@ -71,6 +73,13 @@ def init_base(pool: Any, connection_class: type, connection_kwargs: dict) -> Non
     ``pool.reset()``, which must work on the freshly built core.
     """
     redis.ConnectionPool.__init__(pool, connection_class=connection_class, **connection_kwargs)
+
+
+def stamp_process(pool: Any) -> None:
+    """Set ``pool.pid`` to this process, as redis-py's ``reset()`` does: its
+    callers and tests compare a connection's ``pid`` with it. (greenpool's
+    own fork safety needs no pid: see :mod:`greenpool._fork`.)"""
+    pool.pid = os.getpid()
 
 
 def make_connection(pool: Any, connection_class: type) -> Any:
@@ -148,9 +157,9 @@ def socket_fd(raw: Any) -> Optional[int]:
         return None
     try:
         fd = sock.fileno()
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # closed, or a stand-in with no fd
         return None
-    return fd if fd >= 0 else None
+    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 def set_socket_timeout(raw: Any, seconds: Optional[float]) -> None:
@@ -158,6 +167,14 @@ def set_socket_timeout(raw: Any, seconds: Optional[float]) -> None:
     sock = raw._sock
     if sock is not None:
         sock.settimeout(seconds)
+
+
+def restore_socket_timeout(raw: Any) -> None:
+    """Give *raw*'s socket its connection's ``socket_timeout`` again (after a
+    dial bounded each step by what remained); a stand-in connection class
+    without one is left alone."""
+    if hasattr(raw, "socket_timeout"):
+        set_socket_timeout(raw, raw.socket_timeout)
 
 
 def is_ready(raw: Any) -> bool:
@@ -170,11 +187,19 @@ def is_ready(raw: Any) -> bool:
     sock = raw._sock
     if sock is None:
         return False
+    try:
+        fd = sock.fileno()
+    except AttributeError:
+        # A stand-in connection class's socket, with no descriptor to poll:
+        # connected is all that can be known.
+        return True
+    except (OSError, ValueError):
+        return False
     poller = _poll()
     try:
-        poller.register(sock.fileno(), _POLLIN)
+        poller.register(fd, _POLLIN)
         return not poller.poll(0)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return False
 
 

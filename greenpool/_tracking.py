@@ -16,9 +16,10 @@ kept by a subclass of the user's connection class that the pool builds once
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Type
+from typing import Any, Dict, Iterable, List, Optional, Type
 
 from gevent import getcurrent
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from ._dial import DialDeadline
@@ -58,15 +59,25 @@ class ReplyTracking:
         # write makes redis-py disconnect, which already forgave the count.
         self._greenpool_owed += getattr(command, "greenpool_replies", 1)
 
+    #: Set while the pool dials (see greenpool._dial.DialDeadline).
+    _greenpool_deadline: Optional[float]
+
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         self._greenpool_user = getcurrent()
+        if self._greenpool_deadline is not None:
+            self._greenpool_read_step()  # type: ignore[attr-defined]
+        # Never below zero: a reply nobody counted (a PubSub or MONITOR
+        # message, or a write that bypassed send_packed_command) owes
+        # nothing, and must not cancel the count of a later command.
         try:
             response = super().read_response(*args, **kwargs)  # type: ignore[misc]
         except ResponseError:
             # An error reply is still a reply: it was read off the socket.
-            self._greenpool_owed -= 1
+            if self._greenpool_owed > 0:
+                self._greenpool_owed -= 1
             raise
-        self._greenpool_owed -= 1
+        if self._greenpool_owed > 0:
+            self._greenpool_owed -= 1
         return response
 
     #: Set when redis-py asks for a reconnect (see ReconnectTracking); read
@@ -80,12 +91,19 @@ class ReplyTracking:
     #: :func:`greenpool._redispy.sockets_of` and clears it (the rare path).
     _greenpool_broken = False
 
+    #: The error of the last failed connect attempt: redis-py's connect
+    #: retries call ``disconnect(error)`` after each. A dial cut short
+    #: while redis-py backs off before the next attempt failed of this.
+    _greenpool_failure: Any = None
+
     def disconnect(self, *args: Any, **kwargs: Any) -> None:
         try:
             super().disconnect(*args, **kwargs)  # type: ignore[misc]
         finally:
             self._greenpool_owed = 0
             self._greenpool_broken = True
+            if args and isinstance(args[0], (RedisConnectionError, OSError)):
+                self._greenpool_failure = args[0]
 
 
 class ReconnectTracking:

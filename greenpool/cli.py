@@ -119,8 +119,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
 def _fail_fast(resolved: "Resolved") -> Dict[str, Any]:
     """Short socket timeouts, for those not configured: a dead server fails fast.
 
-    The defaults are for long-lived pools (socket_timeout waits for ever,
-    socket_connect_timeout 10 s); ``check`` and the demo should answer
+    The defaults are for long-lived pools (socket_timeout redis-py's own, none before
+    redis-py 8; socket_connect_timeout 10 s); ``check`` and the demo should answer
     sooner on a server that accepts connections but never answers.
     """
     return {name: seconds for name, seconds in FAIL_FAST.items()

@@ -139,7 +139,8 @@ SETTINGS: tuple[Setting, ...] = (
        "than this is reported once, with the stack that checked it out.",
        **_GT0, **_NONE),
     _s("socket_timeout", "duration", None, "redis-py's timeout for each socket "
-       "read and write; none waits forever.", **_GT0, **_NONE),
+       "read and write (none waits forever); not set, the connection class's "
+       "own default applies: 5 s in redis-py 8, none before.", **_GT0, **_NONE),
     _s("socket_connect_timeout", "duration", 10.0, "How long opening a connection "
        "may take: TCP connect, TLS and Redis handshakes, retries included; none waits forever.", **_GT0, **_NONE),
     _s("client_name", "str", None, "The name each connection gives itself with "
@@ -592,15 +593,25 @@ def connection_parameters(connection_class: type) -> frozenset[str] | None:
 def check_connection_class(connection_class: Any) -> None:
     """Refuse, by name, a *connection_class* that is not a redis-py connection class.
 
+    A redis-py connection class is a subclass of redis-py's
+    ``AbstractConnection``, or any class with its ``connect()`` and
+    ``disconnect()`` methods: redis-py's pools take such stand-ins (its own
+    tests use one), and so does greenpool. A string, an instance, a pool or
+    a client class is refused here rather than at the first dial.
+
     :raises ConfigError: naming ``connection_class``, what is expected, and
         what was given.
     """
-    if not (isinstance(connection_class, type) and issubclass(connection_class, _CONNECTION_BASES)):
-        raise ConfigError(
-            "connection_class must be a redis-py connection class such as "
-            f"redis.Connection, redis.SSLConnection or redis.UnixDomainSocketConnection "
-            f"(got {connection_class!r})"
-        )
+    if isinstance(connection_class, type) and (
+        issubclass(connection_class, _CONNECTION_BASES)
+        or all(callable(getattr(connection_class, m, None)) for m in ("connect", "disconnect"))
+    ):
+        return
+    raise ConfigError(
+        "connection_class must be a redis-py connection class such as "
+        "redis.Connection, redis.SSLConnection or redis.UnixDomainSocketConnection, "
+        f"or a class with their connect() and disconnect() methods (got {connection_class!r})"
+    )
 
 
 def _check_names(given: Mapping[str, str], connection_class: type) -> None:
@@ -698,12 +709,23 @@ def split(
             where.pop(name)  # the URL's authority and path, not its query
     _check_names(where, connection_class)
     options = {**given, **from_url}
-    for key, value in connection_kwargs(resolved.options, connection_class).items():
+    driven = connection_kwargs(resolved.options, connection_class)
+    for name in _CONNECTION_DEFAULTS:
+        if resolved.sources[name] == "default":
+            del driven[name]
+    for key, value in driven.items():
         options.setdefault(key, value)  # the user's own mapping wins
     return Split(resolved, connection_class, types.MappingProxyType(options))
 
 
+#: Settings that, not set, are left to the connection class's own default
+#: (which differs between redis-py versions) rather than passed.
+_CONNECTION_DEFAULTS = ("socket_timeout",)
+
+
 def _default_text(setting: Setting) -> str:
+    if setting.name in _CONNECTION_DEFAULTS:
+        return "redis-py's"
     value = setting.default
     if value is None or setting.kind == "bool":
         return str(value).lower()

@@ -189,6 +189,7 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
         """
         self._core.disconnect(in_use=True)
         self._act()
+        _redispy.stamp_process(self)
 
     def _after_fork_in_child(self) -> None:
         # Called by greenpool._fork inside os.fork(), before any greenlet
@@ -200,6 +201,7 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
         # those fds later. Copied waiters are woken (a hub callback, queued
         # in memory) to start again in the child's generation: the dial or
         # release they were waiting for belongs to the parent.
+        _redispy.stamp_process(self)
         inherited, requests = self._core.fork_reset()
         orphans = [slot.conn for slot in inherited]
         for slot in inherited:

@@ -521,9 +521,27 @@ def test_describe_rows() -> None:
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)
 def test_default_text_parses_back(setting: config.Setting) -> None:
-    """Each default as printed parses back to the default itself."""
+    """Each default as printed parses back to the default itself, but those
+    left to redis-py, which say so."""
     (row,) = [r for r in config.describe() if r[1] == setting.name]
+    if setting.name in config._CONNECTION_DEFAULTS:
+        assert row[2] == "redis-py's"
+        return
     assert parse(setting, row[2], where=row[0]) == setting.default
+
+
+@pytest.mark.parametrize("connection_class", [redis.Connection, redis.UnixDomainSocketConnection])
+def test_socket_timeout_not_set_is_the_connection_classs_own(connection_class) -> None:
+    """Not set, socket_timeout is not passed: the connection keeps redis-py's
+    default (5 s in redis-py 8); set, even to none, it is passed."""
+    default = connection_class().socket_timeout
+    assert "socket_timeout" not in config.split({}, default_class=connection_class).connection_kwargs
+    assert connection_class(**config.split({}, default_class=connection_class).connection_kwargs).socket_timeout == default
+    for given in (None, 2.5):
+        split = config.split({"socket_timeout": given}, default_class=connection_class)
+        assert split.connection_kwargs["socket_timeout"] == given
+    split = config.split({}, environ={"GREENPOOL_SOCKET_TIMEOUT": "none"}, default_class=connection_class)
+    assert split.connection_kwargs["socket_timeout"] is None
 
 
 def test_readme_table_lists_every_setting() -> None:

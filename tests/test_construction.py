@@ -152,10 +152,40 @@ def test_queue_class_is_refused_with_the_reason() -> None:
         BlockingConnectionPool(queue_class=list)
 
 
-@pytest.mark.parametrize("bad", [int, "redis.Connection", redis.Connection(), redis.ConnectionPool])
+@pytest.mark.parametrize("bad", [int, "redis.Connection", redis.Connection(), redis.ConnectionPool, redis.Redis])
 def test_connection_class_must_be_a_redis_py_connection_class(bad) -> None:
-    with pytest.raises(ConfigError, match=r"connection_class must be a redis-py connection class"):
+    with pytest.raises(ConfigError, match=r"connection_class must be a redis-py connection class .* \(got "):
         BlockingConnectionPool(connection_class=bad)
+
+
+class _StandIn:
+    """A connection stand-in as redis-py's own pool tests use: no socket."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self._sock = None
+
+    def connect(self):
+        self._sock = object()
+
+    def disconnect(self):
+        self._sock = None
+
+
+def test_a_stand_in_connection_class_is_lent_and_bounded() -> None:
+    """A class with connect() and disconnect() is a connection class to
+    redis-py's pools, and to greenpool's: lent, reused, bounded."""
+    pool = BlockingConnectionPool(connection_class=_StandIn, max_connections=1, timeout=0.05, foo="bar")
+    try:
+        conn = pool.get_connection()
+        assert isinstance(conn, _StandIn) and conn.kwargs["foo"] == "bar"
+        assert pool.pid == os.getpid()  # what redis-py's callers compare conn.pid with
+        with pytest.raises(redis.ConnectionError):
+            pool.get_connection()
+        pool.release(conn)
+        assert pool.get_connection() is conn
+    finally:
+        pool.close()
 
 
 def test_refused_construction_leaves_nothing_behind() -> None:

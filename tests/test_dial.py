@@ -175,3 +175,30 @@ def test_an_unpatched_pool_bounds_its_dial_and_nothing_else(redis_server, subpro
     assert re.fullmatch(r"silent: pool 'greenpool-\d+' could not open a connection to "
                         r"127\.0\.0\.1:\d+/0 within 0\.50 s \(socket_connect_timeout\)", lines[0])
     assert lines[1:] == ["socket: socket None", "busy: PoolTimeout", "blpop: None"]
+
+
+def test_a_dial_out_of_time_between_retries_reports_the_failed_attempt(make_pool):
+    """Cut short while redis-py backs off after a refused connect, the dial
+    raises redis-py's ConnectionError with that refusal, as redis-py's pools
+    do after their retries (not a TimeoutError: nothing timed out)."""
+    from redis.backoff import ConstantBackoff
+    from redis.retry import Retry
+
+    from greenpool._server import free_port
+
+    pool = make_pool(max_connections=1, timeout=2, port=free_port(), socket_connect_timeout=0.2,
+                     retry=Retry(ConstantBackoff(30), 3))
+    with pytest.raises(redis.exceptions.ConnectionError, match=r"within 0\.20 s; the last attempt failed: .*refused") as info:
+        pool.get_connection()
+    assert not isinstance(info.value, redis.exceptions.TimeoutError)
+    assert isinstance(info.value.__cause__, redis.exceptions.ConnectionError)
+
+
+def test_a_dial_out_of_time_mid_attempt_is_a_timeout(make_pool, tcp_proxy):
+    """Cut short in a handshake that never ends, the dial raises redis-py's
+    TimeoutError naming socket_connect_timeout."""
+    tcp_proxy.first_reply_delay = 5
+    pool = make_pool(max_connections=1, timeout=2, port=tcp_proxy.port, socket_connect_timeout=0.2,
+                     client_name="hung")
+    with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.20 s \(socket_connect_timeout\)"):
+        pool.get_connection()

@@ -62,6 +62,23 @@ def test_connection_released_owing_a_reply_is_never_handed_out(make_pool, protoc
     assert pool.stats().closed["dirty"] == 1
 
 
+def test_a_reply_nobody_counted_does_not_cancel_one_owed(make_pool):
+    """A reply read that no counted write asked for (here a PING written past
+    send_packed_command, as a PubSub message or a mocked write would be) owes
+    nothing: the next command's unread reply still makes the connection dirty."""
+    pool = make_pool(max_connections=1, timeout=1)
+    client = redis.Redis(connection_pool=pool)
+    client.set("a", "value-of-a")
+    client.set("b", "value-of-b")
+    conn = pool.get_connection()
+    greenpool._redispy.raw_connection(conn)._sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+    assert conn.read_response() == b"PONG"
+    conn.send_command("GET", "a")  # the reply is never read
+    pool.release(conn)
+    assert client.get("b") == b"value-of-b"
+    assert pool.stats().closed["dirty"] == 1
+
+
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_pipeline_whose_callback_fails_leaves_no_reply_behind(make_pool, protocol):
     """A response callback raising mid-pipeline leaves replies unread; the connection is closed."""
