@@ -8,12 +8,20 @@ or gives up leaves no half-opened socket, and a connection released
 meanwhile serves a waiter while the dial proceeds. The core runs dials one
 at a time while callers wait, which damps a spike: the pool grows only as
 far as the load lasts.
+
+``socket_connect_timeout`` bounds the whole dial twice over: a
+``gevent.Timeout`` around it, which can fire only while the dial waits on
+gevent's cooperative sockets, and :class:`DialDeadline`, which gives each
+step of the dial at most what remains of that budget as its socket timeout,
+so that a dial on a plain blocking socket (a program gevent has not
+patched, such as ``python -m greenpool check``) is bounded too.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 import traceback
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
@@ -30,7 +38,7 @@ from .core import DialTicket
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import BlockingConnectionPool
 
-__all__ = ["Dialer", "DIAL_CONCURRENCY", "close_sockets_in"]
+__all__ = ["Dialer", "DialDeadline", "DIAL_CONCURRENCY", "close_sockets_in"]
 
 logger = logging.getLogger("greenpool")
 
@@ -86,6 +94,72 @@ def close_sockets_in(exc: BaseException) -> None:
                     except OSError:
                         pass
         exc = exc.__context__  # type: ignore[assignment]
+
+
+class DialDeadline:
+    """Mixin for the pool's connection class: a dial's budget bounds each of its steps.
+
+    On a plain blocking socket a dial holds the thread, the hub included,
+    until each socket call returns, so the pool's ``gevent.Timeout`` cannot
+    fire: only socket timeouts bound it, and redis-py gives the TLS
+    handshake and each reply of the Redis handshake ``socket_timeout``,
+    none by default (a server that accepts and never answers then hangs the
+    dial for ever). While the pool dials, :attr:`_greenpool_deadline` holds
+    the ``time.monotonic()`` by which the dial must be done, and each step
+    waits at most for what remains when it starts: the TCP connect and the
+    TLS handshake (``_connect``), each reply of the Redis handshake
+    (``read_response``, through :meth:`_greenpool_read_step`). The dial gives
+    the socket its ``socket_timeout`` back when it is done.
+    """
+
+    #: The dial's deadline, on ``time.monotonic()``; None outside a dial.
+    _greenpool_deadline: Optional[float] = None
+    #: Whether the last step's timeout was the dial's budget rather than
+    #: socket_timeout: its timeout is then the dial's, reported as such.
+    _greenpool_budget_bound = False
+
+    # socket_timeout and socket_connect_timeout are redis-py's attributes
+    # (properties from redis-py 7 on); the class declares nothing more.
+    socket_timeout: Optional[float]
+    socket_connect_timeout: Optional[float]
+
+    def _greenpool_remaining(self) -> float:
+        """The seconds left of the dial's budget; a TimeoutError once none is."""
+        remaining = (self._greenpool_deadline or 0.0) - time.monotonic()
+        if remaining <= 0:
+            self._greenpool_budget_bound = True
+            raise redis.exceptions.TimeoutError("the dial's socket_connect_timeout is spent")
+        return remaining
+
+    def _greenpool_step(self, timeout: Optional[float]) -> float:
+        """The timeout for the next step of the dial: *timeout*, or less if less remains."""
+        remaining = self._greenpool_remaining()
+        self._greenpool_budget_bound = timeout is None or remaining < timeout
+        return remaining if timeout is None else min(timeout, remaining)
+
+    def _connect(self) -> Any:
+        if self._greenpool_deadline is None:
+            return super()._connect()  # type: ignore[misc]
+        # redis-py puts socket_connect_timeout on the socket for the TCP
+        # connect and socket_timeout after it, which the TLS handshake then
+        # waits under. Both have their own values back before on_connect,
+        # where the parser records socket_timeout as the one to restore.
+        connect, read = self.socket_connect_timeout, self.socket_timeout
+        remaining = self._greenpool_remaining()
+        self.socket_connect_timeout = remaining if connect is None else min(connect, remaining)
+        self.socket_timeout = self._greenpool_step(read)
+        try:
+            return super()._connect()  # type: ignore[misc]
+        finally:
+            self.socket_connect_timeout, self.socket_timeout = connect, read
+
+    def _greenpool_read_step(self) -> None:
+        """Before each reply of the Redis handshake: wait at most what remains.
+
+        Called by ``ReplyTracking.read_response`` while a deadline is set,
+        so that outside a dial reading a reply costs one attribute test.
+        """
+        _redispy.set_socket_timeout(self, self._greenpool_step(self.socket_timeout))
 
 
 class _InFlight:
@@ -158,15 +232,20 @@ class Dialer:
         pool = self._pool
         core = pool._core
         timeout = pool._dial_timeout
-        conn = None
+        conn = raw = None
         try:
             conn = record.conn = pool.make_connection()
+            raw = _redispy.raw_connection(conn)
             # Bound the whole dial, TCP connect, TLS and Redis handshakes,
             # redis-py's own retries included: a server that accepts but
             # never answers would otherwise hold the pool's only dial, and
             # with it all growth, for ever. The Timeout is a BaseException
             # until it leaves redis-py, so that no retry loop there takes it
-            # for a failed attempt and starts another, unbounded one.
+            # for a failed attempt and starts another, unbounded one. It
+            # cannot fire while a blocking socket holds the hub: there the
+            # deadline (DialDeadline) bounds each step instead.
+            if timeout is not None:
+                raw._greenpool_deadline = time.monotonic() + timeout
             with gevent.Timeout(timeout) as timer:
                 try:
                     conn.connect()
@@ -174,9 +253,16 @@ class Dialer:
                     if exc is not timer:
                         raise
                     # (Its sockets are closed below: __context__ keeps it.)
-                    failed = _redispy.raw_connection(conn)._greenpool_failure
-                    late = _out_of_time(pool, timeout, failed)
+                    late = _out_of_time(pool, timeout, raw._greenpool_failure)
                     raise late from late.__cause__  # the failed attempt, or None
+                except redis.exceptions.TimeoutError:
+                    if not raw._greenpool_budget_bound:
+                        raise  # socket_timeout's own, shorter than the budget
+                    late = _out_of_time(pool, timeout, raw._greenpool_failure)
+                    raise late from late.__cause__
+                finally:
+                    raw._greenpool_deadline = None
+            _redispy.restore_socket_timeout(raw)
         except BaseException as exc:
             if conn is not None:
                 conn.disconnect()  # a handshake cut short leaves its socket open

@@ -25,8 +25,9 @@ import redis
 from gevent.monkey import get_original
 
 __all__ = [
-    "RedisPyInterface", "INHERITED", "init_base", "stamp_process", "make_connection", "raw_connection", "sockets_of", "socket_fd",
-    "is_ready", "retire_reason", "from_before_fork", "neutralize",
+    "RedisPyInterface", "INHERITED", "init_base", "stamp_process", "make_connection", "raw_connection",
+    "sockets_of", "socket_fd", "set_socket_timeout", "restore_socket_timeout", "is_ready", "retire_reason",
+    "from_before_fork", "neutralize",
 ]
 
 _poll = get_original("select", "poll")
@@ -164,6 +165,21 @@ def socket_fd(raw: Any) -> Optional[int]:
     except (OSError, ValueError, AttributeError):  # closed, or a stand-in with no fd
         return None
     return fd if isinstance(fd, int) and fd >= 0 else None
+
+
+def set_socket_timeout(raw: Any, seconds: Optional[float]) -> None:
+    """Give *raw*'s socket, if it has one, the timeout *seconds* for its next calls."""
+    sock = raw._sock
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+def restore_socket_timeout(raw: Any) -> None:
+    """Give *raw*'s socket its connection's ``socket_timeout`` again (after a
+    dial bounded each step by what remained); a stand-in connection class
+    without one is left alone."""
+    if hasattr(raw, "socket_timeout"):
+        set_socket_timeout(raw, raw.socket_timeout)
 
 
 def is_ready(raw: Any) -> bool:

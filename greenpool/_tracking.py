@@ -16,10 +16,13 @@ kept by a subclass of the user's connection class that the pool builds once
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Type
+from typing import Any, Dict, Iterable, List, Optional, Type
 
 from gevent import getcurrent
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+
+from ._dial import DialDeadline
 
 __all__ = ["tracked_class", "ReplyTracking", "ReconnectTracking"]
 
@@ -56,8 +59,13 @@ class ReplyTracking:
         # write makes redis-py disconnect, which already forgave the count.
         self._greenpool_owed += getattr(command, "greenpool_replies", 1)
 
+    #: Set while the pool dials (see greenpool._dial.DialDeadline).
+    _greenpool_deadline: Optional[float]
+
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         self._greenpool_user = getcurrent()
+        if self._greenpool_deadline is not None:
+            self._greenpool_read_step()  # type: ignore[attr-defined]
         # Never below zero: a reply nobody counted (a PubSub or MONITOR
         # message, or a write that bypassed send_packed_command) owes
         # nothing, and must not cancel the count of a later command.
@@ -94,7 +102,7 @@ class ReplyTracking:
         finally:
             self._greenpool_owed = 0
             self._greenpool_broken = True
-            if args and isinstance(args[0], BaseException):
+            if args and isinstance(args[0], (RedisConnectionError, OSError)):
                 self._greenpool_failure = args[0]
 
 
@@ -121,16 +129,17 @@ _CLASSES: Dict[type, type] = {}
 
 
 def tracked_class(connection_class: Type[Any]) -> Type[Any]:
-    """Return the reply-tracking subclass of *connection_class* (built once)."""
+    """Return the reply-tracking subclass of *connection_class* (built once),
+    whose dials are bounded by their deadline (:class:`greenpool._dial.DialDeadline`)."""
     if issubclass(connection_class, ReplyTracking):
         return connection_class
     try:
         return _CLASSES[connection_class]
     except KeyError:
         pass
-    mixins: tuple = (ReplyTracking,)
+    mixins: tuple = (ReplyTracking, DialDeadline)
     if hasattr(connection_class, "mark_for_reconnect"):
-        mixins = (ReconnectTracking, ReplyTracking)
+        mixins = (ReconnectTracking, *mixins)
     cls = type(
         connection_class.__name__,
         (*mixins, connection_class),

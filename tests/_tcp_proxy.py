@@ -42,6 +42,7 @@ class TcpProxy:
         self.ssl_context = ssl_context
         self.tls_failures = 0
         self._blackholed = False
+        self._silent_pairs: set[tuple[socket.socket, socket.socket]] = set()
         #: Seconds to hold the first reply of each new connection (the
         #: server's answer to the handshake): a slow network or server.
         self.first_reply_delay = 0.0
@@ -72,9 +73,19 @@ class TcpProxy:
         """
         self._blackholed = True
 
+    def blackhole_existing(self) -> None:
+        """Silently discard the traffic of the connections open now, both ways,
+        keeping them open; connections made later are forwarded.
+
+        A half-open peer: the far end of those connections went away (a
+        crashed host, a NAT that forgot the flow) without a FIN or RST.
+        """
+        self._silent_pairs.update(self._pairs)
+
     def restore(self) -> None:
         """Forward traffic again (bytes discarded meanwhile stay lost)."""
         self._blackholed = False
+        self._silent_pairs.clear()
 
     def drop_all(self) -> None:
         """Close every proxied connection, client and server side."""
@@ -131,7 +142,7 @@ class TcpProxy:
                 if first_delay:
                     gevent.sleep(first_delay)
                     first_delay = 0.0
-                if not self._blackholed:
+                if not (self._blackholed or pair in self._silent_pairs):
                     dst.sendall(data)
         except OSError:
             pass
@@ -141,6 +152,7 @@ class TcpProxy:
 
     def _close_pair(self, pair: tuple[socket.socket, socket.socket]) -> None:
         self._pairs.discard(pair)
+        self._silent_pairs.discard(pair)
         for sock in pair:
             # shutdown() first: it wakes the pump blocked in recv() on this
             # socket with a clean EOF, where close() alone would make gevent

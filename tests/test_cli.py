@@ -49,11 +49,13 @@ def cli_env(extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
 
 
 def run_cli(*args: str, env: Optional[Mapping[str, str]] = None,
-            environ: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
+            environ: Optional[Dict[str, str]] = None,
+            timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run ``python -m greenpool ARGS`` and capture its output.
 
     :param env: variables to add to the clean environment.
     :param environ: the whole environment instead.
+    :param timeout: seconds after which the run is killed and the test fails.
     """
     return subprocess.run(
         [sys.executable, "-m", "greenpool", *args],
@@ -61,7 +63,7 @@ def run_cli(*args: str, env: Optional[Mapping[str, str]] = None,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=RUN_TIMEOUT,
+        timeout=timeout,
     )
 
 
@@ -247,15 +249,61 @@ def test_check_fails_on_a_closed_port() -> None:
     assert_error_matches(proc, 1, rf"cannot use Redis at 127\.0\.0\.1:{port} db 0: .*refused.*")
 
 
-def test_check_fails_on_a_silent_server() -> None:
-    """check exits 1 with one line, after socket_timeout, when the server never answers."""
-    with socket.socket() as listener:  # the kernel accepts; nobody ever replies
+@contextlib.contextmanager
+def silent_listener() -> Iterator[int]:
+    """A free loopback port whose kernel accepts connections nobody ever answers.
+
+    The socket listens and is never accept()ed: connects succeed into its
+    backlog, and whatever a client sends goes unread and unanswered, as
+    with a server that hangs after accepting.
+    """
+    with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
-        port = listener.getsockname()[1]
+        yield listener.getsockname()[1]
+
+
+def test_check_fails_on_a_silent_server() -> None:
+    """check exits 1 with one line, after socket_timeout, when the server never answers."""
+    with silent_listener() as port:
         proc = run_cli("check", "--url", f"redis://127.0.0.1:{port}/0",
                        env={"GREENPOOL_SOCKET_TIMEOUT": "0.3"})
     assert_error_matches(proc, 1, rf"cannot use Redis at 127\.0\.0\.1:{port} db 0: .*[Tt]imeout.*")
+
+
+# Long enough for an interpreter's start and the 2 s bound on a loaded
+# machine, well short of the 12 s socket_timeout that bounded the dial before.
+SILENT_RUN_TIMEOUT = 10
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize(("command", "scheme", "socket_timeout"), [
+    ("check", "redis", None),
+    ("check", "redis", "12s"),
+    ("check", "redis", "none"),
+    ("check", "rediss", "none"),
+    ("demo", "redis", "none"),
+], ids=["check-default", "check-12s", "check-none", "check-tls-none", "demo-none"])
+def test_a_silent_server_fails_within_the_connect_timeout(
+    command: str, scheme: str, socket_timeout: Optional[str]
+) -> None:
+    """A server that accepts and never answers fails the command within the 2 s connect bound.
+
+    Pins that socket_connect_timeout bounds the whole dial, TLS and Redis
+    handshakes included, in ``check``, which does not monkey-patch: the pool's
+    gevent.Timeout cannot fire there, and without the per-step deadline the
+    handshake waited socket_timeout (5 s by default, then "Timeout reading
+    from socket"; 12 s; for ever with none). ``demo`` patches; it is pinned too.
+    """
+    query = "?ssl_cert_reqs=none" if scheme == "rediss" else ""
+    env = {} if socket_timeout is None else {"GREENPOOL_SOCKET_TIMEOUT": socket_timeout}
+    with silent_listener() as port:
+        proc = run_cli(command, "--url", f"{scheme}://127.0.0.1:{port}/0{query}", env=env,
+                       timeout=SILENT_RUN_TIMEOUT)
+    assert_error_matches(
+        proc, 1, rf"cannot use Redis at 127\.0\.0\.1:{port} db 0: pool 'greenpool-\d+' could "
+        rf"not open a connection to 127\.0\.0\.1:{port}/0 within 2\.00 s \(socket_connect_timeout\)",
+    )
 
 
 # -- demo --------------------------------------------------------------------

@@ -5,13 +5,14 @@ raised in its greenlet; a killed one re-raises its kill."""
 from __future__ import annotations
 
 import logging
+import re
 import socket
 
 import gevent
 import pytest
 import redis
 
-from greenpool import _dial
+from greenpool import _dial, _redispy
 
 
 def test_sockets_in_finds_the_locals_of_a_suspended_greenlet() -> None:
@@ -113,6 +114,67 @@ def test_quick_dials_still_damp_a_spike(make_pool):
         pool.release(conn)
     gevent.joinall([gevent.spawn(r.incr, "dial:spike") for _ in range(50)], raise_error=True, timeout=10)
     assert pool.stats().size <= 10, pool.stats()
+
+
+@pytest.mark.parametrize("socket_timeout", [None, 3.0], ids=["none", "3s"])
+def test_a_dial_gives_the_socket_its_socket_timeout_back(make_pool, socket_timeout):
+    """After the dial, whose steps wait at most for what remains of its budget,
+    the live socket waits socket_timeout again, not the budget's leftover."""
+    pool = make_pool(max_connections=1, timeout=2, socket_connect_timeout=1.5,
+                     socket_timeout=socket_timeout)
+    conn = pool.get_connection()
+    try:
+        (sock,) = _redispy.sockets_of(_redispy.raw_connection(conn))
+        assert sock.gettimeout() == socket_timeout
+        assert _redispy.raw_connection(conn)._greenpool_deadline is None
+    finally:
+        pool.release(conn)
+
+
+UNPATCHED = """
+    import socket, sys
+    import gevent, redis
+    from gevent import monkey
+    from greenpool import BlockingConnectionPool, PoolTimeout, _redispy
+
+    assert not monkey.is_module_patched("socket")
+    listener = socket.socket()  # accepts into its backlog; never answers
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    with BlockingConnectionPool(host="127.0.0.1", port=listener.getsockname()[1],
+                                socket_connect_timeout=0.5, socket_timeout=None) as pool:
+        try:
+            pool.get_connection()
+        except redis.exceptions.TimeoutError as exc:
+            print("silent:", exc)
+
+    with BlockingConnectionPool(host="127.0.0.1", port={port}, max_connections=1, timeout=0.2,
+                                socket_connect_timeout=0.5, socket_timeout=None) as pool:
+        conn = pool.get_connection()
+        (sock,) = _redispy.sockets_of(_redispy.raw_connection(conn))
+        print("socket:", type(sock).__module__, sock.gettimeout())
+        try:
+            pool.get_connection()
+        except PoolTimeout as exc:
+            print("busy:", type(exc).__name__)
+        pool.release(conn)
+        with gevent.Timeout(0.05):
+            print("blpop:", redis.Redis(connection_pool=pool).blpop(["unpatched:none"], 0.5))
+"""
+
+
+def test_an_unpatched_pool_bounds_its_dial_and_nothing_else(redis_server, subprocess_python):
+    """In a program gevent has not patched (blocking sockets): socket_connect_timeout
+    still bounds a dial to a server that never answers, with socket_timeout none
+    (the pool's gevent.Timeout cannot fire there); the live socket then has
+    socket_timeout; the pool's own wait still ends in PoolTimeout; a
+    gevent.Timeout around a command cannot cut a blocking read short."""
+    result = subprocess_python(UNPATCHED.replace("{port}", str(redis_server.port)), timeout=20)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"silent: pool 'greenpool-\d+' could not open a connection to "
+                        r"127\.0\.0\.1:\d+/0 within 0\.50 s \(socket_connect_timeout\)", lines[0])
+    assert lines[1:] == ["socket: socket None", "busy: PoolTimeout", "blpop: None"]
 
 
 def test_a_dial_out_of_time_between_retries_reports_the_failed_attempt(make_pool):
