@@ -133,9 +133,9 @@ class RedisPyInterface:
             conn.retry = retry
 
     def re_auth_callback(self, token: Any) -> None:
-        # Idle connections re-authenticate when next lent (redis-py checks the
-        # token before each command); sending AUTH here would need I/O inside
-        # the pool's bookkeeping.
+        # Every connection sends AUTH with the new token when next released
+        # (see greenpool._tracking.ReauthTracking); sending it here would
+        # need I/O inside the pool's bookkeeping.
         for conn in self._get_free_connections() + list(self._core.out):
             conn.set_re_auth_token(token)
 
@@ -213,7 +213,8 @@ def retire_reason(raw: Any) -> Optional[str]:
 
     ``_greenpool_owed``, ``_greenpool_broken`` and ``_greenpool_reconnect``
     are greenpool's own (see :mod:`greenpool._tracking`); release() reads
-    them inline and calls this only when one is set. ``_sock`` is redis-py's:
+    them inline and calls this only when one is set. ``_re_auth_token`` is
+    redis-py's: a new token from a streaming credential provider, sent here. ``_sock`` is redis-py's:
     a connection disconnected and then reconnected (redis-py does so on
     its own before a command) is healthy again.
     """
@@ -221,7 +222,16 @@ def retire_reason(raw: Any) -> Optional[str]:
         return "dirty"
     if raw._sock is None:
         return "broken"
-    raw._greenpool_broken = False  # reconnected since
+    raw._greenpool_broken = False  # reconnected since, or given a new token
+    if getattr(raw, "_re_auth_token", None) is not None:
+        # A streaming credential provider's new token (ReauthTracking): AUTH
+        # now, as redis-py's pools do on release; a connection that fails it
+        # is closed, and its replacement authenticates afresh.
+        try:
+            raw.re_auth()
+        except Exception:
+            raw.disconnect()
+            return "broken"
     if raw._greenpool_reconnect:
         return "reconnect"
     return None

@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError
 
 from ._dial import DialDeadline
 
-__all__ = ["tracked_class", "ReplyTracking", "ReconnectTracking"]
+__all__ = ["tracked_class", "ReplyTracking", "ReconnectTracking", "ReauthTracking"]
 
 
 class _PackedCommands(List[Any]):
@@ -106,6 +106,23 @@ class ReplyTracking:
                 self._greenpool_failure = args[0]
 
 
+class ReauthTracking:
+    """Mixin for redis-py 5.1+ connections, which take a streaming credential
+    provider's new token with ``set_re_auth_token()``.
+
+    redis-py sends the AUTH from a listener its pools call on every release;
+    greenpool's release makes no such call for a healthy connection. A new
+    token sets ``_greenpool_broken`` instead, so release() takes its rare
+    path, where :func:`greenpool._redispy.retire_reason` re-authenticates.
+    """
+
+    _greenpool_broken = False
+
+    def set_re_auth_token(self, token: Any) -> None:
+        super().set_re_auth_token(token)  # type: ignore[misc]
+        self._greenpool_broken = True
+
+
 class ReconnectTracking:
     """Mixin for redis-py 7+ connections, which have ``mark_for_reconnect()``.
 
@@ -140,6 +157,8 @@ def tracked_class(connection_class: Type[Any]) -> Type[Any]:
     mixins: tuple = (ReplyTracking, DialDeadline)
     if hasattr(connection_class, "mark_for_reconnect"):
         mixins = (ReconnectTracking, *mixins)
+    if hasattr(connection_class, "set_re_auth_token"):
+        mixins = (ReauthTracking, *mixins)
     cls = type(
         connection_class.__name__,
         (*mixins, connection_class),

@@ -142,3 +142,52 @@ def test_from_url_bad_query_value_names_the_option():
     """A bad greenpool option in the URL names the option and the value."""
     with pytest.raises(ConfigError, match=r"URL query option idle_timeout must be .*\(got 'soon'\)"):
         BlockingConnectionPool.from_url("redis://localhost/0?idle_timeout=soon")
+
+
+class _Token:
+    """A streaming credential provider's token, as redis-py's TokenInterface reads it."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self.user, self.password = user, password
+
+    def try_get(self, key: str) -> str:
+        return self.user
+
+    def get_value(self) -> str:
+        return self.password
+
+
+def _auth_calls(admin: redis.Redis) -> int:
+    return admin.info("commandstats").get("cmdstat_auth", {}).get("calls", 0)
+
+
+def test_a_new_credential_token_is_sent_when_each_connection_is_released(make_pool, redis_server):
+    """re_auth_callback (a streaming credential provider's new token) makes
+    each connection AUTH with it when next released, as redis-py's pools do;
+    a connection the server refuses it is closed, not lent."""
+    if not hasattr(redis.Connection, "set_re_auth_token"):
+        pytest.skip("redis-py before 5.1 has no streaming credentials")
+    admin = redis.Redis(port=redis_server.port)
+    admin.execute_command("ACL", "SETUSER", "alice", "on", ">pw1", ">pw2", "~*", "+@all")
+    try:
+        pool = make_pool(max_connections=2, timeout=2, username="alice", password="pw1")
+        client = redis.Redis(connection_pool=pool)
+        def use_both() -> None:
+            both = pool.get_connection(), pool.get_connection()
+            for conn in both:
+                pool.release(conn)
+
+        use_both()
+        before = _auth_calls(admin)
+        pool.re_auth_callback(_Token("alice", "pw2"))
+        use_both()  # each sends AUTH alice pw2 when released
+        assert _auth_calls(admin) == before + 2
+        use_both()  # once only
+        assert _auth_calls(admin) == before + 2
+        pool.re_auth_callback(_Token("alice", "wrong"))
+        use_both()
+        assert pool.stats().closed["broken"] == 2  # refused: closed, not lent
+        assert client.ping() is True  # a new connection, with the pool's own credentials
+    finally:
+        admin.execute_command("ACL", "DELUSER", "alice")
+        admin.close()
