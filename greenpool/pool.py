@@ -538,17 +538,16 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
         return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
     def _description(self) -> str:
-        # redis-py's description of a pool: its connection class and where it
-        # connects, as redis-py's Connection.repr_pieces() spells it, with
+        # redis-py's description of a pool's connections, as its repr spells
+        # it: the connection class and where it connects, the arguments
+        # given in this order (as redis-py lists what its caller passed),
         # credentials shown only as <REDACTED>.
         kw, klass = self.connection_kwargs, self.connection_class
-        pieces = [("path", kw.get("path"))] if "path" in kw else [
-            ("host", kw.get("host", "localhost")), ("port", kw.get("port", 6379))]
-        pieces.append(("db", kw.get("db", 0)))
-        if kw.get("client_name"):
-            pieces.append(("client_name", kw["client_name"]))
-        pieces.extend((key, "<REDACTED>") for key in ("username", "password") if kw.get(key))
-        described = ",".join(f"{k}={v}" for k, v in pieces)
+        described = ",".join(
+            f"{key}={'<REDACTED>' if key in ('username', 'password') else kw[key]}"
+            for key in ("host", "port", "path", "db", "client_name", "username", "password")
+            if kw.get(key) is not None
+        )
         return f"<{klass.__module__}.{klass.__qualname__}({described})>"
 
     def __repr__(self) -> str:

@@ -276,6 +276,9 @@ def test_repr_has_redis_py_description_without_secrets() -> None:
     assert "<REDACTED>" in text and "size=0/50" in text
     pool = _pool(connection_class=redis.UnixDomainSocketConnection, path="/abc", db=1, client_name="c")
     assert "path=/abc,db=1,client_name=c" in repr(pool)
+    # Only what was given, as redis-py lists it: no db=0 filled in.
+    assert "(<redis.connection.Connection(host=localhost,port=6379,client_name=c)>)>" in repr(
+        _pool(host="localhost", port=6379, client_name="c"))
 
 
 # -- one construction path, a real signature -------------------------------------

@@ -78,7 +78,7 @@ def test_repr_shows_the_live_state(make_pool, redis_server):
     assert re.fullmatch(
         rf"<greenpool.BlockingConnectionPool 'cache' 127.0.0.1:{redis_server.port}/0 "
         r"size=1/3 idle=0 in_use=1 dialling=0 waiting=0 "
-        rf"\(<redis.connection.Connection\(host=127.0.0.1,port={redis_server.port},db=0\)>\)>",
+        rf"\(<redis.connection.Connection\(host=127.0.0.1,port={redis_server.port}\)>\)>",
         repr(pool),
     )
     pool.release(conn)
