@@ -28,12 +28,16 @@ def test_sections_apply_by_swap_mode_and_server_version(tmp_path: pathlib.Path) 
         "tests/b.py::t  # divergence: explicit only\n"
         "[server<7]\n"
         "tests/c.py::t  # outside: Redis 6 only\n"
+        "[redis-py<5]\n"
+        "tests/e.py::t  # divergence: redis-py 4 only\n"
         "[all]\n"
         "tests/d.py  # outside: everywhere again\n"
     )
     assert _parse(tmp_path, text) == [("tests/a.py::t", "outside"), ("tests/d.py", "outside")]
     assert [t for t, _ in _parse(tmp_path, text, swap="explicit")] == ["tests/a.py::t", "tests/b.py::t", "tests/d.py"]
     assert [t for t, _ in _parse(tmp_path, text, server=6)] == ["tests/a.py::t", "tests/c.py::t", "tests/d.py"]
+    path = tmp_path / "deselected.txt"
+    assert "tests/e.py::t" in [e.target for e in run.parse_deselected(str(path), "default", 7, 4)]
 
 
 @pytest.mark.parametrize("line, message", [
@@ -50,5 +54,6 @@ def test_the_committed_file_parses_with_a_reason_on_every_entry() -> None:
     """Every entry of the committed file, in every mode, has a category and a reason."""
     for swap in run.SWAPS:
         for server in (6, 7, 8):
-            for entry in run.parse_deselected(str(HERE / "deselected.txt"), swap, server):
-                assert entry.category in run.CATEGORIES and len(entry.reason) > 10, entry
+            for client in (4, 8):
+                for entry in run.parse_deselected(str(HERE / "deselected.txt"), swap, server, client):
+                    assert entry.category in run.CATEGORIES and len(entry.reason) > 10, entry

@@ -41,7 +41,8 @@ with CATEGORY ``outside`` (not about the pool) or ``divergence`` (greenpool
 deliberately differs). An entry without ``::`` that names a directory or a
 file is not even imported (``--ignore``); the rest are ``--deselect``. A
 ``[swap=MODE]`` line starts entries for that mode only, a ``[server<N]``
-line entries for a redis-server older than major version N; ``[all]`` ends
+line entries for a redis-server older than major version N, a
+``[redis-py<N]`` line entries for a redis-py older than N; ``[all]`` ends
 them.
 """
 
@@ -82,7 +83,7 @@ MARKERS_OFF = (
 )
 PYTEST_CONFIG_FILES = ("pyproject.toml", "pytest.ini", "tox.ini", "setup.cfg")
 ENTRY = re.compile(r"^(?P<target>\S+)\s+#\s*(?P<category>\w+):\s*(?P<reason>\S.*)$")
-SECTION = re.compile(r"^\[(?:all|swap=(?P<mode>\w+)|server<(?P<below>\d+))\]$")
+SECTION = re.compile(r"^\[(?:all|swap=(?P<mode>\w+)|server<(?P<below>\d+)|redis-py<(?P<client>\d+))\]$")
 
 
 class Entry(NamedTuple):
@@ -91,11 +92,13 @@ class Entry(NamedTuple):
     reason: str
 
 
-def parse_deselected(path: str, swap: str, server_major: int) -> List[Entry]:
-    """The entries of *path* that apply to *swap* against a redis-server of *server_major*."""
+def parse_deselected(path: str, swap: str, server_major: int, redis_py_major: int = 99) -> List[Entry]:
+    """The entries of *path* that apply to *swap* against a redis-server of
+    *server_major*, with redis-py *redis_py_major*."""
     entries = []
     mode: Optional[str] = None
     below: Optional[int] = None
+    client: Optional[int] = None
     with open(path) as file:
         for number, raw in enumerate(file, 1):
             line = raw.strip()
@@ -105,6 +108,7 @@ def parse_deselected(path: str, swap: str, server_major: int) -> List[Entry]:
             if section:
                 mode = section.group("mode")
                 below = int(section.group("below")) if section.group("below") else None
+                client = int(section.group("client")) if section.group("client") else None
                 if mode is not None and mode not in SWAPS:
                     raise SystemExit(f"{path}:{number}: unknown swap mode {mode!r} (expected one of {SWAPS})")
                 continue
@@ -115,7 +119,8 @@ def parse_deselected(path: str, swap: str, server_major: int) -> List[Entry]:
                 raise SystemExit(
                     f"{path}:{number}: category must be one of {CATEGORIES} (got {match.group('category')!r})"
                 )
-            if (mode is None or mode == swap) and (below is None or server_major < below):
+            if ((mode is None or mode == swap) and (below is None or server_major < below)
+                    and (client is None or redis_py_major < client)):
                 entries.append(Entry(match.group("target"), match.group("category"), match.group("reason")))
     return entries
 
@@ -267,7 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     workdir = fetch_suite(version, os.path.abspath(args.cache_dir))
     binary = find_redis_server(args.redis_server)
     server_ver = server_version(binary)
-    entries = parse_deselected(args.deselected, args.swap, int(server_ver.split(".")[0]))
+    entries = parse_deselected(args.deselected, args.swap, int(server_ver.split(".")[0]), int(version.split(".")[0]))
     categories = {e.target: e.category for e in entries}
     ignored = [e for e in entries if "::" not in e.target and os.path.exists(os.path.join(workdir, e.target))]
     deselected = [e for e in entries if e not in ignored]
