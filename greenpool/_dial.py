@@ -184,7 +184,8 @@ def _out_of_time(pool: "BlockingConnectionPool", timeout: Optional[float], durin
     redis-py's ``TimeoutError``, as a connect timeout gives in redis-py.
     """
     where = f"pool {pool.name!r} could not open a connection to {pool._target()} within {timeout or 0:.2f} s"
-    if isinstance(during, (redis.exceptions.ConnectionError, OSError)):
+    # A timed-out attempt (socket.timeout is an OSError) failed of the bound itself.
+    if isinstance(during, (redis.exceptions.ConnectionError, OSError)) and not isinstance(during, TimeoutError):
         error: Exception = redis.exceptions.ConnectionError(f"{where}; the last attempt failed: {during}")
         error.__cause__ = during
         return error

@@ -271,6 +271,11 @@ def test_check_fails_on_a_silent_server() -> None:
     assert_error_matches(proc, 1, rf"cannot use Redis at 127\.0\.0\.1:{port} db 0: .*[Tt]imeout.*")
 
 
+NO_HANDSHAKE_46 = ("redis-py 4.6 sends no handshake command on a plain connection without "
+                   "password, client_name or db: a silent server is seen at the first command, "
+                   "which socket_timeout bounds")
+
+
 # Long enough for an interpreter's start and the 2 s bound on a loaded
 # machine, well short of the 12 s socket_timeout that bounded the dial before.
 SILENT_RUN_TIMEOUT = 10
@@ -295,6 +300,8 @@ def test_a_silent_server_fails_within_the_connect_timeout(
     handshake waited socket_timeout (5 s by default, then "Timeout reading
     from socket"; 12 s; for ever with none). ``demo`` patches; it is pinned too.
     """
+    if scheme == "redis" and redis.__version__.startswith("4."):
+        pytest.skip(NO_HANDSHAKE_46)
     query = "?ssl_cert_reqs=none" if scheme == "rediss" else ""
     env = {} if socket_timeout is None else {"GREENPOOL_SOCKET_TIMEOUT": socket_timeout}
     with silent_listener() as port:

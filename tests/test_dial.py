@@ -169,6 +169,9 @@ def test_an_unpatched_pool_bounds_its_dial_and_nothing_else(redis_server, subpro
     (the pool's gevent.Timeout cannot fire there); the live socket then has
     socket_timeout; the pool's own wait still ends in PoolTimeout; a
     gevent.Timeout around a command cannot cut a blocking read short."""
+    if redis.__version__.startswith("4."):
+        pytest.skip("redis-py 4.6 sends no handshake command on a plain connection: "
+                    "the silent server is seen at the first command")
     result = subprocess_python(UNPATCHED.replace("{port}", str(redis_server.port)), timeout=20)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -181,6 +184,8 @@ def test_a_dial_out_of_time_between_retries_reports_the_failed_attempt(make_pool
     """Cut short while redis-py backs off after a refused connect, the dial
     raises redis-py's ConnectionError with that refusal, as redis-py's pools
     do after their retries (not a TimeoutError: nothing timed out)."""
+    if redis.__version__.startswith("4."):
+        pytest.skip("redis-py 4.6 does not retry a refused connect")
     from redis.backoff import ConstantBackoff
     from redis.retry import Retry
 
