@@ -213,10 +213,10 @@ def retire_reason(raw: Any) -> Optional[str]:
 
     ``_greenpool_owed``, ``_greenpool_broken`` and ``_greenpool_reconnect``
     are greenpool's own (see :mod:`greenpool._tracking`); release() reads
-    them inline and calls this only when one is set. ``_re_auth_token`` is
-    redis-py's: a new token from a streaming credential provider, sent here. ``_sock`` is redis-py's:
+    them inline and calls this only when one is set. ``_sock`` is redis-py's:
     a connection disconnected and then reconnected (redis-py does so on
-    its own before a command) is healthy again.
+    its own before a command) is healthy again. ``_re_auth_token`` is
+    redis-py's too: a streaming credential provider's new token, sent here.
     """
     if raw._greenpool_owed:
         return "dirty"

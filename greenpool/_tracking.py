@@ -116,8 +116,6 @@ class ReauthTracking:
     path, where :func:`greenpool._redispy.retire_reason` re-authenticates.
     """
 
-    _greenpool_broken = False
-
     def set_re_auth_token(self, token: Any) -> None:
         super().set_re_auth_token(token)  # type: ignore[misc]
         self._greenpool_broken = True

@@ -648,6 +648,10 @@ class Split:
 # greenpool's setting (or its default) applies.
 _NONE_MEANS_UNSET = frozenset({"max_connections", "socket_keepalive", "socket_keepalive_options"})
 
+#: Settings that, not set, are left to the connection class's own default
+#: (which differs between redis-py versions) rather than passed.
+_CONNECTION_DEFAULTS = ("socket_timeout",)
+
 
 def split(
     kwargs: Mapping[str, Any],
@@ -716,11 +720,6 @@ def split(
     for key, value in driven.items():
         options.setdefault(key, value)  # the user's own mapping wins
     return Split(resolved, connection_class, types.MappingProxyType(options))
-
-
-#: Settings that, not set, are left to the connection class's own default
-#: (which differs between redis-py versions) rather than passed.
-_CONNECTION_DEFAULTS = ("socket_timeout",)
 
 
 def _default_text(setting: Setting) -> str:

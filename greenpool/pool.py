@@ -539,9 +539,9 @@ class BlockingConnectionPool(_redispy.RedisPyInterface, redis.ConnectionPool):
 
     def _description(self) -> str:
         # redis-py's description of a pool's connections, as its repr spells
-        # it: the connection class and where it connects, the arguments
-        # given in this order (as redis-py lists what its caller passed),
-        # credentials shown only as <REDACTED>.
+        # it: the connection class and those of host, port, path, db and
+        # client_name that were given (no defaults filled in), credentials
+        # shown only as <REDACTED>.
         kw, klass = self.connection_kwargs, self.connection_class
         described = ",".join(
             f"{key}={'<REDACTED>' if key in ('username', 'password') else kw[key]}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
 import redis
 
 from greenpool import BlockingConnectionPool, _redispy
@@ -83,3 +84,17 @@ def test_private_redispy_reads_live_in_one_module():
             if pattern.search(line) and not line.lstrip().startswith("#"):
                 offenders.append(f"{path.relative_to(package)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_get_connection_count_counts_the_pools_idle_and_used_connections(make_pool):
+    """redis-py 8's observability call (inherited, built on _get_free_connections
+    and _get_in_use_connections) sees greenpool's connections, as README says."""
+    pool = make_pool(max_connections=3, timeout=1)
+    if not hasattr(pool, "get_connection_count"):
+        pytest.skip("redis-py before 8 has no get_connection_count")
+    held = [pool.get_connection() for _ in range(3)]
+    pool.release(held.pop())
+    (idle, _), (used, _) = pool.get_connection_count()
+    assert (idle, used) == (1, 2)
+    for conn in held:
+        pool.release(conn)
